@@ -1,0 +1,222 @@
+"""One typed config tree: dataclass defaults, then a YAML file, then `--section.key=value` overrides.
+
+OmegaConf does the merging and type coercion; this module turns its errors into one-line messages that name
+the key, and adds the checks a type cannot express (choices, ranges, cross-field rules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+DATA_SOURCES = ("digits", "synthetic", "shards", "folder")
+IMPLEMENTED_SOURCES = ("digits", "synthetic")
+
+
+class ConfigError(ValueError):
+    """A bad config value or file, detected before any training work (exit code 2)."""
+
+
+def opt(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None) -> Any:
+    """A config field with its documentation and the constraints a type cannot express."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    dir: str = opt("", "Run directory (config, metrics, samples, checkpoints); empty: runs/<config file stem>.")
+    seed: int = opt(0, "Seed of weights, data order, noise and the fixed sample batch.")
+    device: str = opt("auto", "auto: CUDA when available, else CPU; cpu: force the CPU.", choices=("auto", "cpu"))
+
+
+@dataclass
+class ModelConfig:
+    arch: str = opt("dcgan", "Network family: dcgan (conv) or mlp (the vanilla GAN).", choices=("dcgan", "mlp"))
+    image_size: int = opt(32, "Height and width of generated images.", choices=(32, 64, 128))
+    channels: int = opt(1, "Image channels: 1 (grayscale) or 3 (RGB); must match the data.", choices=(1, 3))
+    nz: int = opt(100, "Latent vector size.", minimum=1)
+    ngf: int = opt(64, "DCGAN generator width: channels of its last hidden layer.", minimum=1)
+    ndf: int = opt(64, "DCGAN discriminator width: channels of its first layer.", minimum=1)
+    mlp_hidden: list[int] = opt([256, 512, 1024], "MLP generator hidden sizes (the discriminator mirrors them).")
+    mlp_dropout: float = opt(0.3, "Dropout after each MLP discriminator hidden layer.", minimum=0.0)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("digits", "Where images come from.", choices=DATA_SOURCES)
+    path: str = opt("", "Shards or image folder (sources shards and folder).")
+    num_samples: int = opt(10_000, "Size of the synthetic data set.", minimum=1)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(3000, "Optimizer steps of G (one D step precedes each).", minimum=1)
+    batch_size: int = opt(64, "Global batch: images per step summed over all ranks.", minimum=1)
+    loss: str = opt(
+        "nonsaturating",
+        "GAN loss: nonsaturating (BCE, G maximises log D(G(z))), minimax (G minimises log(1 - D(G(z)))), hinge.",
+        choices=("nonsaturating", "minimax", "hinge"),
+    )
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = opt(2e-4, "Adam learning rate of G.", minimum=0.0)
+    lr_d: float = opt(2e-4, "Adam learning rate of D.", minimum=0.0)
+    beta1: float = opt(0.5, "Adam beta1 (DCGAN: 0.5).", minimum=0.0)
+    beta2: float = opt(0.999, "Adam beta2.", minimum=0.0)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = opt(1000, "Write a checkpoint every this many steps (0: only at the end).", minimum=0)
+
+
+@dataclass
+class LogConfig:
+    every: int = opt(50, "Write a metrics row every this many steps.", minimum=1)
+    images_every: int = opt(500, "Write a sample grid of the fixed noise batch every this many steps.", minimum=1)
+    progress: bool = opt(True, "Show a console progress bar.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+def iter_fields(cls: type = Config, prefix: str = ""):
+    """Yield (dotted key, dataclasses.Field) for every leaf of the config tree."""
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(f.default_factory):  # a section
+            yield from iter_fields(f.default_factory, key + ".")
+        else:
+            yield key, f
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key."""
+    return [key for key, _ in iter_fields()]
+
+
+def describe() -> str:
+    """A reference of every key: type, default and documentation."""
+    lines = []
+    for key, f in iter_fields():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        type_name = f.type
+        choices = f.metadata.get("choices")
+        extra = f" One of {', '.join(map(str, choices))}." if choices else ""
+        lines.append(f"  --{key}={default!r}  ({type_name}) {f.metadata.get('doc', '')}{extra}")
+    return "\n".join(lines)
+
+
+def _unknown_key_message(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else " (see --help for every key)"
+    return f"unknown config key '{key}'{hint}"
+
+
+def _nest(dotted: str, value: Any) -> dict:
+    node: Any = value
+    for part in reversed(dotted.split(".")):
+        node = {part: node}
+    return node
+
+
+def _merge(base, update: dict, origin: str):
+    """Merge one mapping into the typed tree, turning OmegaConf errors into ConfigError."""
+    try:
+        return OmegaConf.merge(base, update)
+    except ConfigKeyError as e:
+        raise ConfigError(f"{origin}: {_unknown_key_message(e.full_key or str(e))}") from None
+    except ValidationError as e:
+        key = e.full_key
+        if key and key in dict(iter_fields()):
+            expected = dict(iter_fields())[key].type
+            raise ConfigError(f"{origin}: config key '{key}' expects {expected}, got {e.value!r}") from None
+        if key:
+            raise ConfigError(f"{origin}: config key '{key}' cannot take {e.value!r}") from None
+        raise ConfigError(f"{origin}: {str(e).splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{origin}: {str(e).splitlines()[0]}") from None
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+    return data
+
+
+def validate(cfg: Config) -> None:
+    """Checks beyond types: choices, ranges and rules that join several keys."""
+    for key, f in iter_fields():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+        if choices and value not in choices:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"config key '{key}' must be >= {minimum}; got {value!r}")
+    if cfg.data.source not in IMPLEMENTED_SOURCES:
+        raise ConfigError(
+            f"data.source '{cfg.data.source}' is not available yet; use one of {', '.join(IMPLEMENTED_SOURCES)}"
+        )
+    if cfg.data.source == "digits" and cfg.model.channels != 1:
+        raise ConfigError(f"data.source 'digits' has 1 channel but model.channels is {cfg.model.channels}")
+    if not cfg.model.mlp_hidden or min(cfg.model.mlp_hidden) < 1:
+        raise ConfigError(f"config key 'model.mlp_hidden' needs positive sizes; got {cfg.model.mlp_hidden}")
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file <- dotted overrides; validated; run.dir resolved."""
+    merged = OmegaConf.structured(Config)
+    if path is not None:
+        merged = _merge(merged, _read_yaml(Path(path)), origin=str(path))
+    for key, value in (overrides or {}).items():
+        if "." not in key:
+            raise ConfigError(f"unknown option --{key}; config keys look like --train.steps=100 (see --help)")
+        merged = _merge(merged, _nest(key, value), origin=f"--{key}")
+    cfg: Config = OmegaConf.to_object(merged)
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / (Path(path).stem if path else "default"))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of the config (for YAML, checkpoints and trackers)."""
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(data: dict) -> Config:
+    """Rebuild a typed config from to_dict's output (e.g. stored in a checkpoint)."""
+    return OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, origin="stored config"))

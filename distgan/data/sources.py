@@ -1,0 +1,64 @@
+"""In-memory image sets: scikit-learn's digits (shipped with the package, no download) and procedural images."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from distgan import rng
+
+
+def load_digits(image_size: int = 32) -> torch.Tensor:
+    """scikit-learn's 1,797 handwritten 8x8 digits, bilinearly resized: uint8 (1797, 1, S, S), ink bright."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    pixels = torch.from_numpy(sk_load_digits().images).float().div_(16.0)  # (1797, 8, 8) in [0, 1]
+    resized = F.interpolate(pixels[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return resized.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
+
+
+class TensorImages:
+    """An image set held as one uint8 tensor (N, C, H, W)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def get(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.images[indices]
+
+
+class SyntheticImages:
+    """Procedural images: a two-colour gradient with a rectangle and an ellipse; image i depends only on (seed, i)."""
+
+    NUM_PARAMS = 20
+
+    def __init__(self, num_samples: int, image_size: int, channels: int = 3, seed: int = 0):
+        self.num_samples, self.image_size, self.channels, self.seed = num_samples, image_size, channels, seed
+        axis = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size
+        self.v, self.u = torch.meshgrid(axis, axis, indexing="ij")  # (S, S) row and column coordinates in [0, 1]
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def get(self, indices: torch.Tensor) -> torch.Tensor:
+        p = torch.stack(
+            [torch.rand(self.NUM_PARAMS, generator=rng.generator(self.seed, rng.SYNTHETIC, int(i))) for i in indices]
+        )
+        p = p[:, :, None, None]  # (B, P, 1, 1) broadcast against the (S, S) grid
+        u, v = self.u, self.v
+        angle = p[:, 0] * 6.2832
+        t = (0.5 + 0.7 * ((u - 0.5) * torch.cos(angle) + (v - 0.5) * torch.sin(angle))).clamp(0, 1)  # (B, S, S)
+        image = p[:, 1:4] + (p[:, 4:7] - p[:, 1:4]) * t[:, None]  # (B, 3, S, S) gradient background
+        x0, y0 = p[:, 7] * 0.6, p[:, 8] * 0.6
+        rect = (u >= x0) & (u <= x0 + 0.15 + 0.25 * p[:, 9]) & (v >= y0) & (v <= y0 + 0.15 + 0.25 * p[:, 10])
+        image = torch.where(rect[:, None], p[:, 11:14], image)
+        cx, cy = 0.25 + 0.5 * p[:, 14], 0.25 + 0.5 * p[:, 15]
+        rx, ry = 0.1 + 0.2 * p[:, 16], 0.1 + 0.2 * p[:, 17]
+        ellipse = ((u - cx) / rx) ** 2 + ((v - cy) / ry) ** 2 <= 1
+        image = torch.where(ellipse[:, None], p[:, 18:19].expand(-1, 3, -1, -1) * p[:, 1:4].flip(1), image)
+        if self.channels == 1:
+            image = image.mean(1, keepdim=True)
+        return image.mul_(255).round_().to(torch.uint8)

@@ -1,0 +1,128 @@
+"""DCGAN (Radford et al. 2015) and the vanilla MLP GAN: plain nn.Modules, no devices, ranks or precision."""
+
+from __future__ import annotations
+
+import math
+from itertools import pairwise
+
+import torch
+from torch import nn
+
+from distgan.config import ModelConfig
+
+
+def _num_upsamplings(image_size: int) -> int:
+    n = int(math.log2(image_size)) - 2  # from 4x4 to image_size, doubling each layer
+    if 2 ** (n + 2) != image_size or n < 1:
+        raise ValueError(f"DCGAN image_size must be a power of two >= 8, got {image_size}")
+    return n
+
+
+class Generator(nn.Module):
+    """z (B, nz) -> image (B, C, S, S) in [-1, 1]: a 4x4 projection, then stride-2 transposed convolutions."""
+
+    def __init__(self, nz: int = 100, ngf: int = 64, channels: int = 3, image_size: int = 64):
+        super().__init__()
+        n = _num_upsamplings(image_size)
+        width = ngf * 2 ** (n - 1)  # 64x64: ngf * 8 at 4x4
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(nz, width, 4, 1, 0, bias=False),  # (B, width, 4, 4)
+            nn.BatchNorm2d(width),
+            nn.ReLU(True),
+        ]
+        for _ in range(n - 1):  # each doubles the size and halves the width
+            layers += [
+                nn.ConvTranspose2d(width, width // 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(width // 2),
+                nn.ReLU(True),
+            ]
+            width //= 2
+        layers += [nn.ConvTranspose2d(width, channels, 4, 2, 1, bias=False), nn.Tanh()]  # (B, C, S, S)
+        self.nz = nz
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.view(z.shape[0], self.nz, 1, 1))
+
+
+class Discriminator(nn.Module):
+    """image (B, C, S, S) -> one logit per image (B,); no sigmoid, so losses stay autocast-safe."""
+
+    def __init__(self, ndf: int = 64, channels: int = 3, image_size: int = 64):
+        super().__init__()
+        n = _num_upsamplings(image_size)
+        layers: list[nn.Module] = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
+        width = ndf
+        for _ in range(n - 1):  # each halves the size and doubles the width
+            layers += [
+                nn.Conv2d(width, width * 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(width * 2),
+                nn.LeakyReLU(0.2, True),
+            ]
+            width *= 2
+        layers.append(nn.Conv2d(width, 1, 4, 1, 0, bias=False))  # (B, 1, 1, 1)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).view(-1)
+
+
+class MLPGenerator(nn.Module):
+    """z (B, nz) -> sample of out_shape: Linear + LeakyReLU(0.2) stack; Tanh output for images, linear for points."""
+
+    def __init__(self, nz: int, hidden: list[int], out_shape: tuple[int, ...], tanh: bool = True):
+        super().__init__()
+        sizes = [nz, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in pairwise(sizes):
+            layers += [nn.Linear(a, b), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Linear(sizes[-1], math.prod(out_shape)))
+        if tanh:
+            layers.append(nn.Tanh())
+        self.out_shape = tuple(out_shape)
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z.flatten(1)).view(z.shape[0], *self.out_shape)
+
+
+class MLPDiscriminator(nn.Module):
+    """sample (B, *in_shape) -> logit (B,): flatten, then Linear + LeakyReLU(0.2) + Dropout layers."""
+
+    def __init__(self, in_shape: tuple[int, ...], hidden: list[int], dropout: float = 0.3):
+        super().__init__()
+        sizes = [math.prod(in_shape), *hidden]
+        layers: list[nn.Module] = []
+        for a, b in pairwise(sizes):
+            layers += [nn.Linear(a, b), nn.LeakyReLU(0.2, True), nn.Dropout(dropout)]
+        layers.append(nn.Linear(sizes[-1], 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1)).view(-1)
+
+
+@torch.no_grad()
+def init_weights(module: nn.Module) -> None:
+    """DCGAN init: conv weights N(0, 0.02); BatchNorm gamma N(1, 0.02), beta 0. Use with Module.apply."""
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.normal_(module.weight, 1.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """Generator and discriminator for a model config, initialised (seed the global RNG first)."""
+    shape = (cfg.channels, cfg.image_size, cfg.image_size)
+    if cfg.arch == "dcgan":
+        g = Generator(cfg.nz, cfg.ngf, cfg.channels, cfg.image_size)
+        d = Discriminator(cfg.ndf, cfg.channels, cfg.image_size)
+        g.apply(init_weights)
+        d.apply(init_weights)
+    elif cfg.arch == "mlp":
+        g = MLPGenerator(cfg.nz, cfg.mlp_hidden, shape)
+        d = MLPDiscriminator(shape, cfg.mlp_hidden[::-1], cfg.mlp_dropout)
+    else:
+        raise ValueError(f"unknown model.arch {cfg.arch!r}")
+    return g, d

@@ -1,0 +1,32 @@
+"""Seeds derived from (run.seed, purpose, step): data order and noise are pure functions of the step.
+
+That makes resuming and changing the world size free of RNG bookkeeping: step k draws the same global batch
+and the same z whether it runs in one process or many, straight through or after a restart.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DATA_ORDER, NOISE, FIXED_NOISE, SYNTHETIC = 1, 2, 3, 4  # purposes; never renumber (it would change every run)
+
+
+def derive_seed(*keys: int) -> int:
+    """A well-mixed 63-bit seed from non-negative integer keys."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from keys."""
+    return torch.Generator().manual_seed(derive_seed(*keys))
+
+
+def noise(seed: int, step: int, batch_size: int, nz: int) -> torch.Tensor:
+    """The global batch of latent vectors (batch_size, nz) for one training step."""
+    return torch.randn(batch_size, nz, generator=generator(seed, NOISE, step))
+
+
+def fixed_noise(seed: int, num: int, nz: int) -> torch.Tensor:
+    """The fixed latent batch (num, nz) whose samples are drawn as grids through training."""
+    return torch.randn(num, nz, generator=generator(seed, FIXED_NOISE))

@@ -1,0 +1,192 @@
+"""Train a GAN: config -> runtime -> models -> resume -> loop -> final checkpoint.
+
+python -m distgan.train [--config FILE] [--section.key=value ...]     (--help lists every key)
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from distgan import checkpoint, dist, rng
+from distgan.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
+from distgan.data import build_source, to_model_input
+from distgan.losses import d_loss, g_loss
+from distgan.models import build_models
+from distgan.tracking import Tracker
+
+NUM_FIXED_SAMPLES = 64  # an 8x8 grid
+
+
+def train_step(
+    G: nn.Module,
+    D: nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    z: torch.Tensor,
+    loss: str = "nonsaturating",
+) -> dict[str, torch.Tensor]:
+    """One D update then one G update on the same fake batch; returns detached scalar statistics."""
+    fake = G(z)  # (B, C, H, W); kept attached for the G step
+
+    # D step: real -> 1, fake -> 0. detach() keeps D's loss from reaching G.
+    real_logits = D(real)
+    fake_logits = D(fake.detach())
+    loss_d = d_loss(loss, real_logits, fake_logits)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+
+    # G step against the updated D. D's weights are frozen so backward computes only what G needs.
+    D.requires_grad_(False)
+    fake_logits_after = D(fake)
+    loss_g = g_loss(loss, fake_logits_after)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    D.requires_grad_(True)
+
+    return {
+        "loss/D": loss_d.detach(),
+        "loss/G": loss_g.detach(),
+        "D/real": torch.sigmoid(real_logits.detach().float()).mean(),  # D(x)
+        "D/fake_before": torch.sigmoid(fake_logits.detach().float()).mean(),  # D(G(z)) before the D update
+        "D/fake_after": torch.sigmoid(fake_logits_after.detach().float()).mean(),  # ... and after it
+    }
+
+
+@torch.no_grad()
+def generate(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Samples of G in eval mode (BatchNorm running statistics), without touching its training state."""
+    was_training = G.training
+    G.eval()
+    images = G(z)
+    G.train(was_training)
+    return images
+
+
+def check_run_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"run.dir {run_dir} exists and is not a directory")
+
+
+def train(cfg: Config) -> None:
+    """Run (or resume) the training described by a validated config."""
+    run_dir = Path(cfg.run.dir)
+    check_run_dir(run_dir)
+    accelerator = dist.setup(cfg)
+    is_main = dist.is_main(accelerator)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+
+    torch.manual_seed(cfg.run.seed)
+    G, D = build_models(cfg.model)
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
+    data = build_source(cfg, accelerator.process_index, accelerator.num_processes)
+
+    start_step = 0
+    resumed = checkpoint.load_latest(run_dir)
+    if resumed is not None:
+        state = resumed[1]
+        G.load_state_dict(state["G"])
+        D.load_state_dict(state["D"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        data.load_state_dict(state["data"])
+        start_step = state["step"]
+
+    G, D, opt_g, opt_d = dist.prepare(accelerator, G, D, opt_g, opt_d)
+    device = accelerator.device
+    fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_SAMPLES, cfg.model.nz).to(device)
+    tracker = Tracker(run_dir, is_main, cfg.train.steps, start_step, cfg.log.progress)
+    if resumed is not None:
+        tracker.print(f"resumed from {resumed[0]} at step {start_step}")
+    if start_step >= cfg.train.steps:
+        tracker.print(f"run in {run_dir} is already complete ({start_step} steps); raise train.steps to go on")
+        tracker.close()
+        return
+
+    def save_checkpoint(step: int) -> None:
+        state = {
+            "step": step,
+            "images_seen": step * cfg.train.batch_size,
+            "G": dist.unwrap(accelerator, G).state_dict(),
+            "D": dist.unwrap(accelerator, D).state_dict(),
+            "opt_g": opt_g.state_dict(),
+            "opt_d": opt_d.state_dict(),
+            "data": data.state_dict(),
+            "config": to_dict(cfg),
+            "versions": {"torch": str(torch.__version__)},
+        }
+        checkpoint.save(checkpoint.path_for(run_dir, step), state, is_main)
+
+    rank_slice = slice(accelerator.process_index * data.per_rank, (accelerator.process_index + 1) * data.per_rank)
+    sums: dict[str, torch.Tensor] = {}
+    window_start, window_steps = time.perf_counter(), 0
+    for step in range(start_step + 1, cfg.train.steps + 1):
+        real = to_model_input(next(data), device)
+        z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[rank_slice].to(device)
+        stats = train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss)
+        for k, v in stats.items():
+            sums[k] = sums[k] + v if k in sums else v
+        window_steps += 1
+        tracker.advance()
+
+        if step % cfg.log.every == 0 or step == cfg.train.steps:
+            means = dict(zip(sums, (torch.stack(list(sums.values())) / window_steps).tolist()))  # one host sync
+            elapsed = time.perf_counter() - window_start
+            means["images_per_s"] = window_steps * cfg.train.batch_size / elapsed
+            means["images_seen"] = step * cfg.train.batch_size
+            means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
+            tracker.log(step, means)
+            sums, window_start, window_steps = {}, time.perf_counter(), 0
+        if step % cfg.log.images_every == 0 or step == cfg.train.steps:
+            tracker.images(step, generate(dist.unwrap(accelerator, G), fixed_z))
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
+            save_checkpoint(step)
+
+    tracker.print(f"done: {cfg.train.steps} steps; samples in {run_dir / 'samples'}")
+    tracker.close()
+    accelerator.end_training()
+
+
+def main(config: str | None = None, print_config: bool = False, **overrides) -> None:
+    """Train a GAN. --config FILE, then --section.key=value overrides; --print_config shows the resolved config."""
+    cfg = load_config(config, overrides)
+    if print_config:
+        print(to_yaml(cfg), end="")
+        return
+    train(cfg)
+
+
+USAGE = """usage: python -m distgan.train [--config FILE] [--section.key=value ...] [--print_config]
+
+Trains a GAN; with no arguments, the DCGAN on scikit-learn's digits. Config keys and defaults:
+"""
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """Command-line entry: fire parses the flags; bad config exits with code 2 and one line naming the problem."""
+    import fire
+
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(USAGE + describe())
+        return
+    try:
+        fire.Fire(main, command=argv, name="distgan.train")
+    except ConfigError as e:
+        print(f"distgan: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

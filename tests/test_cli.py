@@ -1,0 +1,104 @@
+"""The command lines as a user runs them: exit codes, one-line errors, nothing written on bad input."""
+
+import numpy as np
+import pytest
+from conftest import run_cli, tiny_config
+from PIL import Image
+
+from distgan.train import train
+
+TINY = ["--model.ngf=8", "--model.ndf=8", "--train.batch_size=8", "--log.progress=False"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--config", "missing.yaml"], "config file not found: missing.yaml"),
+     (["--train.stepz=5"], "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
+     (["--train.steps=many"], "config key 'train.steps' expects int, got 'many'"),
+     (["--data.source=imagenet"], "config key 'data.source' must be one of"),
+     (["--run.dir=taken"], "run.dir taken exists and is not a directory")],
+)  # fmt: skip
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+    (tmp_path / "taken").write_text("precious")
+    before = sorted(tmp_path.iterdir())
+    result = run_cli("distgan.train", "--train.steps=1", *TINY, *args, cwd=tmp_path)  # args last: they win
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distgan: error: ") and message in lines[0]
+    assert sorted(tmp_path.iterdir()) == before
+    assert (tmp_path / "taken").read_text() == "precious"
+
+
+def test_help_lists_every_key(tmp_path):
+    from distgan.config import all_keys
+
+    result = run_cli("distgan.train", "--", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for key in all_keys():
+        assert f"--{key}=" in result.stdout
+
+
+def test_print_config_shows_resolved_values(tmp_path):
+    result = run_cli("distgan.train", "--train.steps=17", "--print_config", cwd=tmp_path)
+    assert result.returncode == 0 and "steps: 17" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_command_runs_end_to_end(tmp_path):
+    result = run_cli("distgan.train", "--run.dir=out", "--train.steps=2", "--log.every=1", *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "out" / "checkpoints" / "step_00000002.pt").is_file()
+    assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("sample") / "run"
+    train(tiny_config(run_dir, **{"train.steps": 2}))
+    return run_dir / "checkpoints" / "step_00000002.pt"
+
+
+def test_sample_npz_has_shape_and_dtype(tmp_path, trained):
+    result = run_cli("distgan.sample", "--checkpoint", str(trained), "--num", "10", "--out", "s.npz", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    arrays = np.load(tmp_path / "s.npz")
+    assert list(arrays.keys()) == ["images"]
+    assert arrays["images"].shape == (10, 32, 32, 1) and arrays["images"].dtype == np.uint8
+
+
+def test_sample_png_grid(tmp_path, trained):
+    result = run_cli("distgan.sample", "--checkpoint", str(trained), "--num", "9", "--out", "g.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with Image.open(tmp_path / "g.png") as grid:
+        assert grid.size == (3 * 32 + 4 * 2, 3 * 32 + 4 * 2)  # 3x3 grid
+
+
+def test_sample_is_reproducible_by_seed(tmp_path, trained):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run_cli("distgan.sample", "--checkpoint", str(trained), "--num", "4", "--out", f"{name}.npz",
+                "--seed", str(seed), cwd=tmp_path)  # fmt: skip
+    a, b, c = (np.load(tmp_path / f"{n}.npz")["images"] for n in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--out", "s.jpg"], "--out must end in .png or .npz"),
+     (["--num", "0"], "--num must be >= 1")],
+)  # fmt: skip
+def test_sample_bad_input_exits_2(tmp_path, trained, args, message):
+    result = run_cli("distgan.sample", "--checkpoint", str(trained), *args, cwd=tmp_path)
+    assert result.returncode == 2 and message in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sample_refuses_a_missing_or_unsafe_checkpoint(tmp_path):
+    import argparse
+    import pickle
+
+    result = run_cli("distgan.sample", "--checkpoint", "nope.pt", "--out", "s.png", cwd=tmp_path)
+    assert result.returncode == 2 and "checkpoint not found: nope.pt" in result.stderr
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"G": argparse.Namespace(code="runs on load")}))
+    result = run_cli("distgan.sample", "--checkpoint", "evil.pt", "--out", "s.png", cwd=tmp_path)
+    assert result.returncode == 2 and "cannot load checkpoint evil.pt" in result.stderr
+    assert not (tmp_path / "s.png").exists()

@@ -1,0 +1,70 @@
+import torch
+
+from distgan.data import build_source, to_model_input
+from distgan.data.indexed import IndexedBatches
+from distgan.data.sources import SyntheticImages, TensorImages, load_digits
+
+
+def test_digits_are_uint8_32x32_and_scale_to_unit_range():
+    digits = load_digits(32)
+    assert digits.shape == (1797, 1, 32, 32) and digits.dtype == torch.uint8
+    assert digits.max() == 255 and digits.min() == 0
+    x = to_model_input(digits[:8], torch.device("cpu"))
+    assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1
+
+
+def test_synthetic_is_deterministic_per_index_and_seed():
+    a = SyntheticImages(100, 64, 3, seed=1)
+    batch = a.get(torch.tensor([5, 7]))
+    assert batch.shape == (2, 3, 64, 64) and batch.dtype == torch.uint8
+    assert torch.equal(batch[1], a.get(torch.tensor([7]))[0])  # depends on the index, not the batch
+    assert not torch.equal(batch[0], batch[1])
+    assert not torch.equal(batch, SyntheticImages(100, 64, 3, seed=2).get(torch.tensor([5, 7])))
+    assert SyntheticImages(10, 32, 1).get(torch.arange(3)).shape == (3, 1, 32, 32)
+
+
+def numbered(n: int) -> TensorImages:
+    """Images whose single pixel is their own index, to trace the sample order."""
+    return TensorImages(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1))
+
+
+def test_each_epoch_is_a_permutation_and_epochs_differ():
+    stream = IndexedBatches(numbered(50), batch_size=10, seed=0)
+    epochs = [torch.cat([next(stream) for _ in range(5)]).flatten() for _ in range(2)]
+    for seen in epochs:
+        assert sorted(seen.tolist()) == list(range(50))
+    assert not torch.equal(epochs[0], epochs[1])
+
+
+def test_batches_span_epoch_boundaries():
+    stream = IndexedBatches(numbered(7), batch_size=5, seed=3)
+    seen = torch.cat([next(stream) for _ in range(7)]).flatten().tolist()  # 35 images = 5 epochs
+    for epoch in range(5):
+        assert sorted(seen[epoch * 7 : (epoch + 1) * 7]) == list(range(7))
+
+
+def test_resume_from_state_continues_the_same_stream():
+    straight = IndexedBatches(numbered(30), batch_size=8, seed=4)
+    expected = [next(straight) for _ in range(9)]
+    first = IndexedBatches(numbered(30), batch_size=8, seed=4)
+    for _ in range(4):
+        next(first)
+    resumed = IndexedBatches(numbered(30), batch_size=8, seed=4)
+    resumed.load_state_dict(first.state_dict())
+    for want in expected[4:]:
+        assert torch.equal(next(resumed), want)
+
+
+def test_ranks_take_slices_of_the_same_global_batch():
+    single = IndexedBatches(numbered(40), batch_size=8, seed=5)
+    ranks = [IndexedBatches(numbered(40), batch_size=8, seed=5, rank=r, world_size=2) for r in range(2)]
+    for _ in range(12):
+        assert torch.equal(next(single), torch.cat([next(r) for r in ranks]))
+
+
+def test_build_source_yields_rank_batches(tmp_path):
+    from conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, **{"data.source": "synthetic", "model.channels": 3, "data.num_samples": 50})
+    batch = next(build_source(cfg))
+    assert batch.shape == (16, 3, 32, 32) and batch.dtype == torch.uint8

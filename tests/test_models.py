@@ -1,0 +1,98 @@
+import pytest
+import torch
+from torch import nn
+
+from distgan.config import ModelConfig
+from distgan.models import Discriminator, Generator, MLPDiscriminator, MLPGenerator, build_models, init_weights
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_dcgan_shapes(size, channels):
+    G = Generator(nz=100, ngf=8, channels=channels, image_size=size)
+    D = Discriminator(ndf=8, channels=channels, image_size=size)
+    images = G(torch.randn(5, 100))
+    assert images.shape == (5, channels, size, size)
+    assert images.min() >= -1 and images.max() <= 1  # tanh output
+    assert D(images).shape == (5,)  # one logit per image
+
+
+def seed_dcgan64(nz=100, ngf=64, ndf=64, nc=3):
+    """The DCGAN-64 of the PyTorch tutorial, layer by layer, as the reference architecture."""
+    netG = nn.Sequential(
+        nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
+        nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh(),
+    )  # fmt: skip
+    netD = nn.Sequential(
+        nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2, inplace=True),
+        nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid(),
+    )  # fmt: skip
+    return netG, netD
+
+
+def test_dcgan64_matches_seed_architecture():
+    G, D = Generator(100, 64, 3, 64), Discriminator(64, 3, 64)
+    netG, netD = seed_dcgan64()
+    assert count(G) == count(netG) == 3_576_704
+    assert count(D) == count(netD) == 2_765_568
+    for ours, seed in ((G.net, netG), (D.net, netD[:-1])):  # the seed's D ends in a Sigmoid; ours returns logits
+        assert [type(m) for m in ours] == [type(m) for m in seed]
+        assert [tuple(p.shape) for p in ours.parameters()] == [tuple(p.shape) for p in seed.parameters()]
+    # Layer by layer, the activations have the seed's shapes.
+    x, y = torch.randn(2, 100, 1, 1), torch.randn(2, 100)
+    for ours, seed in zip(G.net, netG):
+        x, y = seed(x), ours(y if y.dim() == 4 else y.view(2, 100, 1, 1))
+        assert x.shape == y.shape
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    G, D = Generator(100, 64, 3, 64), Discriminator(64, 3, 64)
+    G.apply(init_weights)
+    D.apply(init_weights)
+    convs = [m.weight for m in [*G.modules(), *D.modules()] if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    w = torch.cat([c.flatten() for c in convs])
+    assert abs(w.mean().item()) < 1e-3
+    assert w.std().item() == pytest.approx(0.02, rel=0.02)
+    bns = [m for m in [*G.modules(), *D.modules()] if isinstance(m, nn.BatchNorm2d)]
+    gamma = torch.cat([m.weight for m in bns])
+    assert gamma.mean().item() == pytest.approx(1.0, abs=2e-3)
+    assert gamma.std().item() == pytest.approx(0.02, rel=0.1)
+    assert all(torch.all(m.bias == 0) for m in bns)
+
+
+def test_discriminator_returns_unbounded_logits():
+    D = Discriminator(8, 1, 32)
+    with torch.no_grad():
+        D.net[-1].weight.mul_(1e4)  # a confident D: a sigmoid output could not leave [0, 1]
+        logits = D(torch.randn(4, 1, 32, 32))
+    assert logits.abs().max() > 1 and not isinstance(D.net[-1], torch.nn.Sigmoid)
+
+
+def test_mlp_gan_images_and_points():
+    G = MLPGenerator(16, [32, 64], (1, 32, 32))
+    D = MLPDiscriminator((1, 32, 32), [64, 32], dropout=0.3)
+    images = G(torch.randn(3, 16))
+    assert images.shape == (3, 1, 32, 32) and images.abs().max() <= 1
+    assert D(images).shape == (3,)
+    assert sum(isinstance(m, nn.Dropout) for m in D.modules()) == 2
+    points = MLPGenerator(2, [64, 64], (2,), tanh=False)(torch.randn(7, 2) * 100)
+    assert points.shape == (7, 2) and points.abs().max() > 1  # no tanh: points may lie outside [-1, 1]
+    assert MLPDiscriminator((2,), [64, 64])(points).shape == (7,)
+
+
+def test_build_models_from_config():
+    G, D = build_models(ModelConfig(arch="mlp", image_size=32, channels=1, mlp_hidden=[32, 64]))
+    assert isinstance(G, MLPGenerator) and isinstance(D, MLPDiscriminator)
+    G, D = build_models(ModelConfig(arch="dcgan", image_size=64, channels=3))
+    assert count(G) == 3_576_704 and count(D) == 2_765_568
