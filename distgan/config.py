@@ -45,8 +45,8 @@ class ModelConfig:
     image_size: int = opt(32, "Height and width of generated images.", choices=(32, 64, 128))
     channels: int = opt(1, "Image channels: 1 (grayscale) or 3 (RGB); must match the data.", choices=(1, 3))
     nz: int = opt(100, "Latent vector size.", minimum=1)
-    ngf: int = opt(64, "DCGAN generator width: channels of its last hidden layer.", minimum=1)
-    ndf: int = opt(64, "DCGAN discriminator width: channels of its first layer.", minimum=1)
+    ngf: int = opt(32, "DCGAN generator width: channels of its last hidden layer (the seed: 64).", minimum=1)
+    ndf: int = opt(32, "DCGAN discriminator width: channels of its first layer (the seed: 64).", minimum=1)
     mlp_hidden: list[int] = opt([256, 512, 1024], "MLP generator hidden sizes (the discriminator mirrors them).")
     mlp_dropout: float = opt(0.3, "Dropout after each MLP discriminator hidden layer.", minimum=0.0)
 
@@ -61,7 +61,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = opt(3000, "Optimizer steps of G (one D step precedes each).", minimum=1)
-    batch_size: int = opt(64, "Global batch: images per step summed over all ranks.", minimum=1)
+    batch_size: int = opt(128, "Global batch: images per step summed over all ranks.", minimum=1)
     loss: str = opt(
         "nonsaturating",
         "GAN loss: nonsaturating (BCE, G maximises log D(G(z))), minimax (G minimises log(1 - D(G(z)))), hinge.",

@@ -153,8 +153,8 @@ def train(cfg: Config) -> None:
         if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
             save_checkpoint(step)
 
-    tracker.print(f"done: {cfg.train.steps} steps; samples in {run_dir / 'samples'}")
     tracker.close()
+    tracker.print(f"done: {cfg.train.steps} steps; samples in {run_dir / 'samples'}")
     accelerator.end_training()
 
 

@@ -94,5 +94,5 @@ def test_mlp_gan_images_and_points():
 def test_build_models_from_config():
     G, D = build_models(ModelConfig(arch="mlp", image_size=32, channels=1, mlp_hidden=[32, 64]))
     assert isinstance(G, MLPGenerator) and isinstance(D, MLPDiscriminator)
-    G, D = build_models(ModelConfig(arch="dcgan", image_size=64, channels=3))
+    G, D = build_models(ModelConfig(arch="dcgan", image_size=64, channels=3, ngf=64, ndf=64))
     assert count(G) == 3_576_704 and count(D) == 2_765_568
