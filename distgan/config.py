@@ -147,10 +147,9 @@ def _merge(base, update: dict, origin: str):
     except ConfigKeyError as e:
         raise ConfigError(f"{origin}: {_unknown_key_message(e.full_key or str(e))}") from None
     except ValidationError as e:
-        key = e.full_key
-        if key and key in dict(iter_fields()):
-            expected = dict(iter_fields())[key].type
-            raise ConfigError(f"{origin}: config key '{key}' expects {expected}, got {e.value!r}") from None
+        key, fields = e.full_key, dict(iter_fields())
+        if key in fields:
+            raise ConfigError(f"{origin}: config key '{key}' expects {fields[key].type}, got {e.value!r}") from None
         if key:
             raise ConfigError(f"{origin}: config key '{key}' cannot take {e.value!r}") from None
         raise ConfigError(f"{origin}: {str(e).splitlines()[0]}") from None
