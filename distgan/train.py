@@ -128,12 +128,11 @@ def train(cfg: Config) -> None:
         }
         checkpoint.save(checkpoint.path_for(run_dir, step), state, is_main)
 
-    rank_slice = slice(accelerator.process_index * data.per_rank, (accelerator.process_index + 1) * data.per_rank)
     sums: dict[str, torch.Tensor] = {}
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start_step + 1, cfg.train.steps + 1):
         real = to_model_input(next(data), device)
-        z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[rank_slice].to(device)
+        z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[data.rank_slice].to(device)
         stats = train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss)
         for k, v in stats.items():
             sums[k] = sums[k] + v if k in sums else v

@@ -28,8 +28,8 @@ class IndexedBatches:
         if batch_size % world_size:
             raise ValueError(f"batch_size {batch_size} is not divisible by world size {world_size}")
         self.images, self.batch_size, self.seed = images, batch_size, seed
-        self.per_rank = batch_size // world_size
-        self.rank = rank
+        per_rank = batch_size // world_size
+        self.rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's rows of a global batch
         self.position = 0
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
 
@@ -55,7 +55,7 @@ class IndexedBatches:
         return self
 
     def __next__(self) -> torch.Tensor:
-        mine = self.global_indices(self.position)[self.rank * self.per_rank : (self.rank + 1) * self.per_rank]
+        mine = self.global_indices(self.position)[self.rank_slice]
         self.position += self.batch_size
         return self.images.get(mine)
 
