@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,6 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 DATA_SOURCES = ("digits", "synthetic", "shards", "folder")
-IMPLEMENTED_SOURCES = ("digits", "synthetic")
 
 
 class ConfigError(ValueError):
@@ -54,8 +54,16 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = opt("digits", "Where images come from.", choices=DATA_SOURCES)
-    path: str = opt("", "Shards or image folder (sources shards and folder).")
+    path: str = opt(
+        "",
+        "shards: a manifest.json, a folder of shards, a brace pattern or pipe: URLs; folder: a folder of images.",
+    )
     num_samples: int = opt(10_000, "Size of the synthetic data set.", minimum=1)
+    workers: int = opt(4, "Loader processes per rank, shards and folder (0: load in the training process).", minimum=0)
+    shuffle_buffer: int = opt(
+        5000, "Samples each shard reader shuffles among (prepare shuffled the shards).", minimum=1
+    )
+    hflip: bool = opt(False, "Flip each training image horizontally with probability 1/2 (CelebA recipes do).")
 
 
 @dataclass
@@ -181,10 +189,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
         if minimum is not None and value < minimum:
             raise ConfigError(f"config key '{key}' must be >= {minimum}; got {value!r}")
-    if cfg.data.source not in IMPLEMENTED_SOURCES:
-        raise ConfigError(
-            f"data.source '{cfg.data.source}' is not available yet; use one of {', '.join(IMPLEMENTED_SOURCES)}"
-        )
+    if cfg.data.source in ("shards", "folder") and not cfg.data.path:
+        raise ConfigError(f"data.source '{cfg.data.source}' needs data.path")
     if cfg.data.source == "digits" and cfg.model.channels != 1:
         raise ConfigError(f"data.source 'digits' has 1 channel but model.channels is {cfg.model.channels}")
     if not cfg.model.mlp_hidden or min(cfg.model.mlp_hidden) < 1:
@@ -219,3 +225,20 @@ def to_yaml(cfg: Config) -> str:
 def from_dict(data: dict) -> Config:
     """Rebuild a typed config from to_dict's output (e.g. stored in a checkpoint)."""
     return OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, origin="stored config"))
+
+
+def run_command(fn, name: str, argv: list[str]) -> None:
+    """Run fn as a fire command line; a ConfigError (bad config or input) exits with code 2 and one line."""
+    import functools
+
+    import fire
+
+    @functools.wraps(fn)
+    def quiet(*args, **kwargs):  # fire would print a returned value
+        fn(*args, **kwargs)
+
+    try:
+        fire.Fire(quiet, command=argv, name=name)
+    except ConfigError as e:
+        print(f"distgan: error: {e}", file=sys.stderr)
+        sys.exit(2)

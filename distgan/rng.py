@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-DATA_ORDER, NOISE, FIXED_NOISE, SYNTHETIC = 1, 2, 3, 4  # purposes; never renumber (it would change every run)
+# Purposes; never renumber (it would change every run).
+DATA_ORDER, NOISE, FIXED_NOISE, SYNTHETIC, PREPARE_ORDER, SHUFFLE_BUFFER, FLIP = 1, 2, 3, 4, 5, 6, 7
 
 
 def derive_seed(*keys: int) -> int:

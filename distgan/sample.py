@@ -16,7 +16,7 @@ import torch
 from torchvision.utils import save_image
 
 from distgan.checkpoint import load as load_checkpoint
-from distgan.config import ConfigError, from_dict
+from distgan.config import ConfigError, from_dict, run_command
 from distgan.models import build_models
 from distgan.train import generate
 
@@ -67,13 +67,7 @@ def main(checkpoint: str, num: int = 64, out: str = "samples.png", seed: int = 0
 
 
 def cli(argv: list[str] | None = None) -> None:
-    import fire
-
-    try:
-        fire.Fire(main, command=sys.argv[1:] if argv is None else argv, name="distgan.sample")
-    except ConfigError as e:
-        print(f"distgan: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main, "distgan.sample", sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

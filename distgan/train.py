@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from distgan import checkpoint, dist, rng
-from distgan.config import Config, ConfigError, describe, load_config, to_dict, to_yaml
-from distgan.data import build_source, to_model_input
+from distgan.config import Config, ConfigError, describe, load_config, run_command, to_dict, to_yaml
+from distgan.data import build_source, flips, hflip, to_model_input
 from distgan.losses import d_loss, g_loss
 from distgan.models import build_models
 from distgan.tracking import Tracker
@@ -90,7 +90,8 @@ def train(cfg: Config) -> None:
     betas = (cfg.optim.beta1, cfg.optim.beta2)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
-    data = build_source(cfg, accelerator.process_index, accelerator.num_processes)
+    device = accelerator.device
+    data = build_source(cfg, accelerator.process_index, accelerator.num_processes, pin_memory=device.type == "cuda")
 
     start_step = 0
     resumed = checkpoint.load_latest(run_dir)
@@ -104,9 +105,10 @@ def train(cfg: Config) -> None:
         start_step = state["step"]
 
     G, D, opt_g, opt_d = dist.prepare(accelerator, G, D, opt_g, opt_d)
-    device = accelerator.device
     fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_SAMPLES, cfg.model.nz).to(device)
     tracker = Tracker(run_dir, is_main, cfg.train.steps, start_step, cfg.log.progress)
+    for note in data.notes:
+        tracker.print(f"data: {note}")
     if resumed is not None:
         tracker.print(f"resumed from {resumed[0]} at step {start_step}")
     if start_step >= cfg.train.steps:
@@ -132,6 +134,8 @@ def train(cfg: Config) -> None:
     window_start, window_steps = time.perf_counter(), 0
     for step in range(start_step + 1, cfg.train.steps + 1):
         real = to_model_input(next(data), device)
+        if cfg.data.hflip:
+            real = hflip(real, flips(cfg.run.seed, step, cfg.train.batch_size)[data.rank_slice].to(device))
         z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[data.rank_slice].to(device)
         stats = train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss)
         for k, v in stats.items():
@@ -145,6 +149,8 @@ def train(cfg: Config) -> None:
             means["images_per_s"] = window_steps * cfg.train.batch_size / elapsed
             means["images_seen"] = step * cfg.train.batch_size
             means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
+            # Unreadable samples so far, summed over ranks (every rank logs at the same steps).
+            means["data/skipped"] = int(accelerator.reduce(torch.tensor(data.skipped, device=device), "sum"))
             tracker.log(step, means)
             sums, window_start, window_steps = {}, time.perf_counter(), 0
         if step % cfg.log.images_every == 0 or step == cfg.train.steps:
@@ -174,17 +180,11 @@ Trains a GAN; with no arguments, the DCGAN on scikit-learn's digits. Config keys
 
 def cli(argv: list[str] | None = None) -> None:
     """Command-line entry: fire parses the flags; bad config exits with code 2 and one line naming the problem."""
-    import fire
-
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + describe())
         return
-    try:
-        fire.Fire(main, command=argv, name="distgan.train")
-    except ConfigError as e:
-        print(f"distgan: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_command(main, "distgan.train", argv)
 
 
 if __name__ == "__main__":

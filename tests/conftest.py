@@ -39,3 +39,18 @@ def tiny_config(run_dir: Path, **overrides) -> Config:
 def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run `python -m module args` in cwd, capturing its output."""
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def write_index_pngs(folder: Path, num: int, size: int = 16) -> Path:
+    """num solid-colour PNGs whose colour encodes their index (red = i % 256, green = i // 256)."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(num):
+        Image.new("RGB", (size, size), (i % 256, i // 256, 7)).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def image_index(images: torch.Tensor) -> list[int]:
+    """Indices encoded by write_index_pngs, read back from a uint8 batch (B, 3, H, W)."""
+    return (images[:, 0, 0, 0].long() + 256 * images[:, 1, 0, 0].long()).tolist()

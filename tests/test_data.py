@@ -15,12 +15,12 @@ def test_digits_are_uint8_32x32_and_scale_to_unit_range():
 
 def test_synthetic_is_deterministic_per_index_and_seed():
     a = SyntheticImages(100, 64, 3, seed=1)
-    batch = a.get(torch.tensor([5, 7]))
+    batch = a.render(torch.tensor([5, 7]))
     assert batch.shape == (2, 3, 64, 64) and batch.dtype == torch.uint8
-    assert torch.equal(batch[1], a.get(torch.tensor([7]))[0])  # depends on the index, not the batch
+    assert torch.equal(batch[1], a.render(torch.tensor([7]))[0])  # depends on the index, not the batch
     assert not torch.equal(batch[0], batch[1])
-    assert not torch.equal(batch, SyntheticImages(100, 64, 3, seed=2).get(torch.tensor([5, 7])))
-    assert SyntheticImages(10, 32, 1).get(torch.arange(3)).shape == (3, 1, 32, 32)
+    assert not torch.equal(batch, SyntheticImages(100, 64, 3, seed=2).render(torch.tensor([5, 7])))
+    assert SyntheticImages(10, 32, 1).render(torch.arange(3)).shape == (3, 1, 32, 32)
 
 
 def numbered(n: int) -> TensorImages:

@@ -1,26 +1,52 @@
 """Data sources. Every source yields uint8 batches (B, C, H, W) for this rank; `to_model_input` moves a batch
-to the device and scales it to [-1, 1] there, so the host never touches floats."""
+to the device and scales it to [-1, 1] there, so the host never touches floats.
+
+    digits, synthetic   in memory (sources.py), sliced from seeded global batches (indexed.py)
+    folder              image files decoded on the fly by DataLoader workers (folder.py + indexed.py)
+    shards              WebDataset tars written by `python -m distgan.data.prepare` (shards.py)
+"""
 
 from __future__ import annotations
 
 import torch
 
+from distgan import rng
 from distgan.config import Config
+from distgan.data.folder import FolderImages
 from distgan.data.indexed import IndexedBatches
+from distgan.data.shards import ShardBatches, resolve
 from distgan.data.sources import SyntheticImages, TensorImages, load_digits
 
 
-def build_source(cfg: Config, rank: int = 0, world_size: int = 1) -> IndexedBatches:
-    """The batch stream of cfg.data for one rank; each rank gets its slice of the same global batch."""
-    if cfg.data.source == "digits":
-        images = TensorImages(load_digits(cfg.model.image_size))
-    elif cfg.data.source == "synthetic":
-        images = SyntheticImages(cfg.data.num_samples, cfg.model.image_size, cfg.model.channels, cfg.run.seed)
+def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
+    """The batch stream of cfg.data for one rank (IndexedBatches or ShardBatches: next(), state_dict(), skipped)."""
+    d, size, channels = cfg.data, cfg.model.image_size, cfg.model.channels
+    if d.source == "shards":
+        return ShardBatches(
+            resolve(d.path), cfg.train.batch_size, cfg.run.seed, rank, world_size, size, channels,
+            workers=d.workers, buffer=d.shuffle_buffer, pin_memory=pin_memory,
+        )  # fmt: skip
+    if d.source == "folder":
+        images, workers = FolderImages(d.path, size, channels), d.workers
+    elif d.source == "digits":
+        images, workers = TensorImages(load_digits(size)), 0
+    elif d.source == "synthetic":
+        images, workers = SyntheticImages(d.num_samples, size, channels, cfg.run.seed), 0
     else:
-        raise ValueError(f"data.source {cfg.data.source!r} is not implemented")
-    return IndexedBatches(images, cfg.train.batch_size, cfg.run.seed, rank, world_size)
+        raise ValueError(f"data.source {d.source!r} is not implemented")
+    return IndexedBatches(images, cfg.train.batch_size, cfg.run.seed, rank, world_size, workers)
 
 
 def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (B, C, H, W) on the host -> float32 in [-1, 1] on device."""
-    return batch.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    return batch.to(device, non_blocking=True).float().mul_(2 / 255).sub_(1.0)
+
+
+def flips(seed: int, step: int, batch_size: int) -> torch.Tensor:
+    """Which images of the step's global batch to flip: bool (batch_size,), a pure function of (seed, step)."""
+    return torch.rand(batch_size, generator=rng.generator(seed, rng.FLIP, step)) < 0.5
+
+
+def hflip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror the images (B, C, H, W) whose mask entry is True."""
+    return torch.where(mask.view(-1, 1, 1, 1), images.flip(-1), images)

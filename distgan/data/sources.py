@@ -26,8 +26,8 @@ class TensorImages:
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def get(self, indices: torch.Tensor) -> torch.Tensor:
-        return self.images[indices]
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.images[indices], 0
 
 
 class SyntheticImages:
@@ -43,7 +43,11 @@ class SyntheticImages:
     def __len__(self) -> int:
         return self.num_samples
 
-    def get(self, indices: torch.Tensor) -> torch.Tensor:
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
+        return self.render(indices), 0
+
+    def render(self, indices: torch.Tensor) -> torch.Tensor:
+        """uint8 images (len(indices), C, S, S)."""
         p = torch.stack(
             [torch.rand(self.NUM_PARAMS, generator=rng.generator(self.seed, rng.SYNTHETIC, int(i))) for i in indices]
         )

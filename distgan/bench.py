@@ -1,0 +1,131 @@
+"""Benchmarks that print figures side by side (never timed assertions).
+
+    python -m distgan.bench data [--path FOLDER] [--workers N] [--size 64] [--batch_size 128] [--seconds 10]
+
+`data`: images/s of the shard reader versus the torchvision ImageFolder + Resize + CenterCrop + ToTensor +
+Normalize loader that the DCGAN examples use, over the same source images with the same worker count. FOLDER is
+an ImageFolder tree (CelebA's `img_align_celeba/` parent works as is); without it, --fake N CelebA-sized
+(178x218) JPEGs are generated first. The shards are prepared into a temporary folder unless --shards DIR is given.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from distgan.config import ConfigError, run_command
+
+
+def write_photos(folder: str | Path, num: int, width: int = 178, height: int = 218, seed: int = 0) -> Path:
+    """num CelebA-sized JPEGs (smooth shapes plus sensor-like noise) as folder/photos/%06d.jpg; returns folder."""
+    from distgan.data.sources import SyntheticImages
+
+    out = Path(folder) / "photos"
+    out.mkdir(parents=True, exist_ok=True)
+    side = max(width, height)
+    scenes = SyntheticImages(num, side, 3, seed)
+    noise = torch.Generator().manual_seed(seed)
+    left, top = (side - width) // 2, (side - height) // 2
+    for start in range(0, num, 64):
+        indices = torch.arange(start, min(start + 64, num))
+        images = scenes.render(indices)[:, :, top : top + height, left : left + width].float()
+        images = (images + 6 * torch.randn(images.shape, generator=noise)).clamp_(0, 255).to(torch.uint8)
+        for i, image in zip(indices.tolist(), images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(out / f"{i:06d}.jpg", quality=90)
+    return Path(folder)
+
+
+def _rate(batches: Iterator[torch.Tensor], seconds: float, warmup: int = 3) -> float:
+    """Images/s of a batch iterator after `warmup` batches, measured for about `seconds`."""
+    for _ in range(warmup):
+        next(batches)
+    images, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        images += next(batches).shape[0]
+    return images / (time.perf_counter() - start)
+
+
+def _imagefolder_batches(path: str, size: int, batch_size: int, workers: int) -> Iterator[torch.Tensor]:
+    """Endless batches of the classic loader; persistent workers, so epoch restarts do not count against it."""
+    from torchvision import datasets, transforms
+
+    transform = transforms.Compose(
+        [
+            transforms.Resize(size),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+        ]
+    )
+    dataset = datasets.ImageFolder(path, transform=transform)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0
+    )
+    while True:
+        for images, _ in loader:
+            yield images
+
+
+def _shard_batches(path: str, size: int, batch_size: int, workers: int) -> Iterator[torch.Tensor]:
+    from distgan.data import to_model_input
+    from distgan.data.shards import ShardBatches, resolve
+
+    stream = ShardBatches(resolve(path), batch_size, 0, 0, 1, size, 3, workers=workers)
+    while True:
+        yield to_model_input(next(stream), torch.device("cpu"))  # the same [-1, 1] floats as Normalize gives
+
+
+def data(
+    path: str | None = None,
+    workers: int = 2,
+    size: int = 64,
+    batch_size: int = 128,
+    seconds: float = 10.0,
+    fake: int = 5000,
+    shards: str | None = None,
+) -> dict[str, float]:
+    """Print and return images/s of both loaders and their ratio."""
+    from distgan.data.prepare import prepare
+
+    torch.set_num_threads(1)  # the loaders' workers do the work; keep the main process out of their way
+    with tempfile.TemporaryDirectory(prefix="distgan-bench-") as tmp:
+        if path is None:
+            print(f"generating {fake} 178x218 JPEGs ...", flush=True)
+            path = str(write_photos(Path(tmp) / "images", fake))
+        if not Path(path).is_dir():
+            raise ConfigError(f"--path {path} is not a folder")
+        if shards is None:
+            shards = str(Path(tmp) / "shards")
+            start = time.perf_counter()
+            manifest = prepare(path, shards, size=size, shard_size=1000, progress=False)
+            took = time.perf_counter() - start
+            print(f"prepared {manifest['num_samples']['train']} images into shards in {took:.1f} s", flush=True)
+        folder_rate = _rate(_imagefolder_batches(path, size, batch_size, workers), seconds)
+        shard_rate = _rate(_shard_batches(shards, size, batch_size, workers), seconds)
+    print(f"\n{'loader':<44}{'workers':>8}{'images/s':>12}{'per worker':>12}")
+    rows = [("torchvision ImageFolder+Resize+CenterCrop", folder_rate), ("distgan shards (decode_jpeg)", shard_rate)]
+    for name, rate in rows:
+        print(f"{name:<44}{workers:>8}{rate:>12,.0f}{rate / max(workers, 1):>12,.0f}")
+    print(f"ratio shards / ImageFolder: {shard_rate / folder_rate:.1f}x")
+    return {"imagefolder": folder_rate, "shards": shard_rate, "ratio": shard_rate / folder_rate}
+
+
+COMMANDS = {"data": data}
+
+
+def cli(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    run_command(COMMANDS[argv[0]], f"distgan.bench {argv[0]}", argv[1:])
+
+
+if __name__ == "__main__":
+    cli()

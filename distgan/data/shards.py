@@ -1,0 +1,453 @@
+"""Read WebDataset shards on every rank: equal batch counts, seeded order, exact resume, corrupt samples skipped.
+
+How an epoch is laid out (every rank computes the same plan from the shard list, no communication needed):
+- the shards are permuted by (seed, epoch); rank r takes every world_size-th shard from r, and its worker w
+  every workers-th of those: each (rank, worker) slot reads whole shards, sequentially;
+- every slot emits the same number M of per-rank batches, M = the smallest slot's samples // batch_per_rank,
+  so every rank yields exactly workers * M batches per epoch and DDP never waits on a rank that ran dry;
+  samples beyond M batches rotate out and are read in another epoch, when the shard lands in another slot;
+- a slot's samples pass through a shuffle buffer seeded by (seed, epoch, rank, worker), then are decoded with
+  torchvision.io.decode_jpeg into uint8 (C, H, W) and stacked;
+- the DataLoader returns worker batches round-robin, so rank batch i of an epoch is batch i // workers of
+  slot i % workers (an epoch's batch count is a multiple of the worker count). The stream position is simply
+  the number of batches taken (the same on all ranks); a resumed stream replays the current epoch's samples up
+  to that position and goes on from there.
+Unreadable samples (a truncated tar, a JPEG that fails to decode) are skipped, warned and counted; a slot that
+runs short re-reads its own shards, so the batch counts stay equal.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+import random
+import re
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+
+from distgan import rng
+from distgan.config import ConfigError
+
+IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
+MAX_WARNINGS_PER_WORKER = 20
+
+
+class DataError(ConfigError):
+    """Data that cannot be used as configured, detected before training (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str  # a local path, or anything webdataset.gopen opens ("pipe:...", "http://...")
+    samples: int
+
+
+@dataclass
+class ShardSet:
+    shards: list[Shard]
+    image_size: int | None  # from the manifest; None when the shards came without one
+    origin: str
+
+    @property
+    def num_samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+
+def _is_url(path: str) -> bool:
+    return path.startswith("pipe:") or "://" in path
+
+
+def count_samples(url: str) -> int:
+    """Samples in one shard, found by reading it (a manifest makes this unnecessary)."""
+    count = 0
+    try:
+        for _ in tar_samples(url):
+            count += 1
+    except (OSError, ValueError) as e:
+        _warn(f"shard {url}: {type(e).__name__}: {e}; counted the {count} samples before the error")
+    return count
+
+
+class TarError(ValueError):
+    """A damaged tar: bad header checksum or a stream that ends inside a member."""
+
+
+def read_tar(stream) -> Iterator[tuple[str, bytes]]:
+    """(name, data) of each regular file of an uncompressed tar stream (ustar, with pax or GNU long names).
+
+    About 10x faster than the tarfile module per member, which matters at 64x64 (a member is ~2 KB): the
+    reader's cost per image is then mostly the JPEG decode.
+    """
+    long_name = None
+    while True:
+        header = stream.read(512)
+        if not header:
+            return  # end of stream without an end-of-archive block: the manifest count tells if it was cut short
+        if len(header) < 512:
+            raise TarError("stream ends inside a header")
+        if header.count(0) == 512:
+            return  # end-of-archive block
+        if _octal(header[148:156]) != sum(header[:148]) + 256 + sum(header[156:]):  # checksum field taken as spaces
+            raise TarError("bad header checksum")
+        size = _octal(header[124:136])
+        padded = size + (-size % 512)
+        data = stream.read(padded)  # the member and its padding to the next 512-byte block, in one call
+        if len(data) < padded:
+            raise TarError("stream ends inside a member")
+        if padded != size:
+            data = data[:size]
+        kind = header[156:157]
+        if kind == b"L":  # GNU long name of the next member
+            long_name = data.rstrip(b"\0").decode()
+        elif kind == b"x":  # pax extended header; only its path matters here
+            for record in data.decode().splitlines():
+                key, _, value = record.partition(" ")[2].partition("=")
+                if key == "path":
+                    long_name = value
+        elif kind in (b"0", b"\0"):
+            prefix, name = header[345:500].rstrip(b"\0"), header[:100].rstrip(b"\0")
+            yield long_name or (prefix + b"/" + name if prefix else name).decode(), data
+            long_name = None
+        else:  # directories, links and the like carry no sample data
+            long_name = None
+
+
+def _octal(field: bytes) -> int:
+    return int(field.split(b"\0")[0].strip() or b"0", 8)
+
+
+def tar_samples(url: str) -> Iterator[dict]:
+    """webdataset samples of one shard: consecutive files sharing a key (name up to the first dot) form a sample."""
+    from webdataset.gopen import gopen
+
+    stream = gopen(url)
+    try:
+        sample: dict = {}
+        for name, data in read_tar(stream):
+            slash = name.rfind("/")
+            dot = name.find(".", slash + 1)
+            if dot < 0 or name[slash + 1 :].startswith("__"):
+                continue
+            key, field = name[:dot], name[dot + 1 :].lower()
+            if sample and sample["__key__"] != key:
+                yield sample
+                sample = {}
+            if not sample:
+                sample = {"__key__": key, "__url__": url}
+            sample[field] = data
+        if sample:
+            yield sample
+    finally:
+        stream.close()
+
+
+def _load_manifest(path: Path) -> ShardSet:
+    try:
+        manifest = json.loads(path.read_text())
+        entries = manifest["splits"]["train"]
+        image_size = int(manifest["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"data.path {path}: not a readable distgan manifest ({type(e).__name__}: {e})") from None
+    shards = []
+    for entry in entries:
+        file = str(entry["file"])
+        url = file if _is_url(file) or Path(file).is_absolute() else str(path.parent / file)
+        shards.append(Shard(url, int(entry["samples"])))
+    return ShardSet(shards, image_size, str(path))
+
+
+def resolve(path: str) -> ShardSet:
+    """The shards named by data.path: a manifest, a folder, a brace/glob pattern of tars, or pipe:/URL shards."""
+    if not path:
+        raise DataError("data.source 'shards' needs data.path (a manifest.json, a folder of shards or a pattern)")
+    if not _is_url(path) and path.endswith(".json"):
+        if not Path(path).is_file():
+            raise DataError(f"data.path {path}: manifest not found")
+        shard_set = _load_manifest(Path(path))
+    elif not _is_url(path) and Path(path).is_dir():
+        if (Path(path) / "manifest.json").is_file():
+            shard_set = _load_manifest(Path(path) / "manifest.json")
+        else:
+            urls = sorted(str(p) for p in Path(path).glob("*.tar"))
+            if not urls:
+                raise DataError(f"data.path {path}: the folder holds no manifest.json and no .tar shards")
+            shard_set = ShardSet([Shard(u, count_samples(u)) for u in urls], None, path)
+    else:
+        from webdataset.shardlists import expand_urls
+
+        urls = []
+        for url in expand_urls(path):
+            urls.extend([url] if _is_url(url) else sorted(glob.glob(url)))
+        if not urls:
+            raise DataError(f"data.path {path} matches no files")
+        shard_set = ShardSet([Shard(u, count_samples(u)) for u in urls], None, path)
+    shard_set.shards = [s for s in shard_set.shards if s.samples > 0]
+    if not shard_set.shards:
+        raise DataError(f"data.path {path}: no samples in its shards")
+    return shard_set
+
+
+def epoch_slots(num_shards: int, seed: int, epoch: int, world_size: int, workers: int) -> list[list[list[int]]]:
+    """slots[rank][worker]: the shard indices each worker of each rank reads in `epoch`."""
+    perm = torch.randperm(num_shards, generator=rng.generator(seed, rng.DATA_ORDER, epoch)).tolist()
+    return [[perm[r::world_size][w::workers] for w in range(workers)] for r in range(world_size)]
+
+
+def batches_per_worker(shards: list[Shard], seed: int, epoch: int, world_size: int, workers: int, per_rank: int):
+    """M for one epoch: the smallest slot's sample count // per-rank batch size."""
+    slots = epoch_slots(len(shards), seed, epoch, world_size, workers)
+    return min(sum(shards[i].samples for i in slot) for rank in slots for slot in rank) // per_rank
+
+
+def _warn(message: str) -> None:
+    print(f"distgan: data: {message}", file=sys.stderr, flush=True)
+
+
+class _Reader:
+    """Raw samples of one slot's shards with per-shard skip counting; warnings are capped per worker."""
+
+    def __init__(self, shards: list[Shard], where: str):
+        self.shards, self.where = shards, where
+        self.skipped = 0  # samples lost since the last batch: unreadable in the tar or undecodable
+        self.warnings = 0
+
+    def warn(self, message: str) -> None:
+        self.warnings += 1
+        if self.warnings <= MAX_WARNINGS_PER_WORKER:
+            last = self.warnings == MAX_WARNINGS_PER_WORKER
+            suffix = " (further warnings of this worker are only counted)" if last else ""
+            _warn(f"{self.where}: {message}{suffix}")
+
+    def one_pass(self, indices: list[int]) -> Iterator[dict]:
+        """The samples of the given shards, shard after shard; samples a shard lacks are counted as skipped."""
+        self.last_pass = 0
+        for index in indices:
+            shard, count = self.shards[index], 0
+            try:
+                for sample in tar_samples(shard.url):
+                    count += 1
+                    yield sample
+            except (OSError, ValueError) as e:  # TarError, a missing file, a pipe command that failed
+                self.warn(f"{shard.url}: {type(e).__name__}: {str(e)[:200]}")
+            if count < shard.samples:
+                self.skipped += shard.samples - count
+                self.warn(f"{shard.url}: read {count} of its {shard.samples} samples (truncated or damaged tar)")
+            self.last_pass += count
+
+
+def _shuffle(samples: Iterator[dict], size: int, rand: random.Random) -> Iterator[dict]:
+    """A shuffle buffer: fill to `size`, then emit a random element and put the next sample in its place."""
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        k = rand.randrange(size)
+        yield buffer[k]
+        buffer[k] = sample
+    rand.shuffle(buffer)
+    yield from buffer
+
+
+def decode(samples: list[dict], channels: int) -> list[torch.Tensor | str]:
+    """uint8 (C, H, W) for each sample's image field, or a string saying why it could not be decoded.
+
+    JPEGs are decoded as one list (torchvision.io.decode_jpeg is ~1.5x faster that way); when the list fails,
+    each is decoded alone to find the bad ones.
+    """
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    fields = [next((f for f in IMAGE_FIELDS if f in sample), None) for sample in samples]
+    data = [torch.frombuffer(bytearray(s[f]), dtype=torch.uint8) if f else None for s, f in zip(samples, fields)]
+    if all(f in ("jpg", "jpeg") for f in fields):
+        try:
+            return decode_jpeg(data, mode=mode)
+        except RuntimeError:
+            pass
+    out: list[torch.Tensor | str] = []
+    for field, encoded in zip(fields, data):
+        if field is None:
+            out.append(f"no image field (one of {', '.join(IMAGE_FIELDS)})")
+            continue
+        try:
+            out.append(
+                decode_jpeg(encoded, mode=mode) if field in ("jpg", "jpeg") else decode_image(encoded, mode=mode)
+            )
+        except RuntimeError as e:  # "decode_jpeg, <source file>:171, Image is incomplete or truncated"
+            out.append(re.sub(r"^.*\.cpp:\d+, ", "", str(e).strip().splitlines()[-1]))
+    return out
+
+
+class ShardStream(IterableDataset):
+    """The endless per-rank stream of (uint8 batch (B, C, S, S), samples skipped) of one worker's slots."""
+
+    def __init__(self, shards, seed, rank, world_size, workers, batch_per_rank, buffer, image_size, channels, start):
+        super().__init__()
+        self.shards, self.seed, self.rank, self.world_size = shards, seed, rank, world_size
+        self.workers, self.batch_per_rank, self.buffer = workers, batch_per_rank, buffer
+        self.image_size, self.channels, self.start = image_size, channels, start
+
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches every rank yields in `epoch`."""
+        m = batches_per_worker(self.shards, self.seed, epoch, self.world_size, self.workers, self.batch_per_rank)
+        return m * self.workers
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, batch index within that epoch) of the rank's `position`-th batch."""
+        epoch = 0
+        while position >= (n := self.batches_in_epoch(epoch)):
+            position, epoch = position - n, epoch + 1
+        return epoch, position
+
+    def __iter__(self):
+        info = get_worker_info()
+        # A new DataLoader iterator asks its workers round-robin from worker 0, so the loader's worker j serves
+        # slot (j + start) % workers: the one that owns the stream's next batch.
+        worker = ((info.id if info is not None else 0) + self.start) % self.workers
+        epoch, index = self.locate(self.start)
+        while True:
+            replay = max(0, -(-(index - worker) // self.workers))  # this worker's batches before `index`
+            batches = self.epoch_batches(epoch, worker, self.batches_in_epoch(epoch) // self.workers)
+            yield from itertools.islice(batches, replay, None)
+            epoch, index = epoch + 1, 0
+
+    def _passes(self, reader: _Reader, indices: list[int], rand: random.Random) -> Iterator[dict]:
+        """Shuffled passes over a slot's shards: one normally; more only when damaged data left it short."""
+        for attempt in itertools.count():
+            if attempt == 1:
+                reader.warn("ran out of readable samples; re-reading this worker's shards to keep batch counts equal")
+            yield from _shuffle(reader.one_pass(indices), self.buffer, rand)
+            if reader.last_pass == 0:
+                raise DataError(f"{reader.where}: none of its shards holds a readable sample")
+
+    def epoch_batches(self, epoch: int, worker: int, count: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """The `count` batches one worker emits in one epoch."""
+        indices = epoch_slots(len(self.shards), self.seed, epoch, self.world_size, self.workers)[self.rank][worker]
+        reader = _Reader(self.shards, f"rank {self.rank} worker {worker} epoch {epoch}")
+        rand = random.Random(rng.derive_seed(self.seed, rng.SHUFFLE_BUFFER, epoch, self.rank, worker))
+        samples = self._passes(reader, indices, rand)
+        expected = (self.channels, self.image_size, self.image_size)
+        images, failures_in_a_row = [], 0
+        limit = sum(self.shards[i].samples for i in indices)
+        for _ in range(count):
+            while len(images) < self.batch_per_rank:
+                chunk = [next(samples) for _ in range(self.batch_per_rank - len(images))]
+                for sample, image in zip(chunk, decode(chunk, self.channels)):
+                    if isinstance(image, str):
+                        reader.skipped += 1
+                        reader.warn(f"skipping sample {sample['__key__']} of {sample['__url__']}: {image}")
+                        failures_in_a_row += 1
+                        if failures_in_a_row > limit:
+                            raise DataError(f"{reader.where}: no sample of its shards decodes")
+                        continue
+                    failures_in_a_row = 0
+                    if image.shape != expected:
+                        raise DataError(
+                            f"sample {sample['__key__']} of {sample['__url__']} is {tuple(image.shape)}, the model "
+                            f"expects {expected}: prepare the shards with --size {self.image_size}"
+                        )
+                    images.append(image)
+            # decode_jpeg returns (C, H, W) views of (H, W, C) pixels: stacking those buffers as they lie is a plain
+            # copy (several times faster than gathering strided views); the batch is then channels_last NCHW.
+            # default_collate stacks straight into shared memory when it runs in a worker.
+            batch = default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
+            yield batch, reader.skipped
+            images, reader.skipped = [], 0
+
+
+class ShardBatches:
+    """This rank's endless stream of uint8 batches from shards, resumable from the number of batches taken."""
+
+    def __init__(
+        self,
+        shard_set: ShardSet,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        image_size: int,
+        channels: int,
+        workers: int = 4,
+        buffer: int = 5000,
+        pin_memory: bool = False,
+    ):
+        shards, world = shard_set.shards, world_size
+        if batch_size % world:
+            raise DataError(f"train.batch_size {batch_size} is not divisible by the world size {world}")
+        if shard_set.image_size is not None and shard_set.image_size != image_size:
+            raise DataError(
+                f"{shard_set.origin} holds {shard_set.image_size}x{shard_set.image_size} images but "
+                f"model.image_size is {image_size}; set model.image_size={shard_set.image_size} or prepare again "
+                f"with --size {image_size}"
+            )
+        if len(shards) < world:
+            raise DataError(
+                f"{len(shards)} shards for {world} ranks: every rank needs at least one shard; prepare the data "
+                f"again with --shard_size {max(1, shard_set.num_samples // (world * 4))} (4 shards per rank)"
+            )
+        per_rank = batch_size // world
+        self.notes: list[str] = []  # for the run's console
+        self.loader_workers = workers  # DataLoader processes; 0 reads in this process
+        self.workers = max(1, workers)  # slots per rank
+        if len(shards) < world * self.workers:
+            self.workers = self.loader_workers = len(shards) // world
+            self.notes.append(
+                f"{len(shards)} shards cannot feed {world} rank(s) x {workers} workers (a worker reads whole "
+                f"shards): using {self.workers} workers per rank; prepare with a smaller --shard_size for more"
+            )
+        slots = world * self.workers
+        smallest = sum(sorted(s.samples for s in shards)[: len(shards) // slots])
+        if smallest < per_rank:
+            raise DataError(
+                f"a worker may get only {smallest} samples per epoch ({len(shards) // slots} of the smallest "
+                f"shards), fewer than one batch of {per_rank} per rank; use fewer data.workers, a smaller "
+                f"train.batch_size or more data"
+            )
+        self.stream_args = (shards, seed, rank, world, self.workers, per_rank, buffer, image_size, channels)
+        self.pin_memory = pin_memory
+        self.rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
+        self.batches, self.skipped = 0, 0
+        self._iterator = None
+        epoch0 = self._stream(0).batches_in_epoch(0)
+        self.notes.insert(
+            0,
+            f"{len(shards)} shards, {shard_set.num_samples} samples from {shard_set.origin}; "
+            f"{world} rank(s) x {self.workers} worker(s); {epoch0} batches of {per_rank} per rank in epoch 0 "
+            f"({epoch0 * batch_size} of {shard_set.num_samples} samples)",
+        )
+
+    def _stream(self, start: int) -> ShardStream:
+        return ShardStream(*self.stream_args, start)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._iterator is None:
+            loader = DataLoader(
+                self._stream(self.batches),
+                batch_size=None,
+                num_workers=self.loader_workers,
+                pin_memory=self.pin_memory,
+                prefetch_factor=4 if self.loader_workers else None,
+                persistent_workers=False,
+            )
+            self._iterator = iter(loader)
+        images, skipped = next(self._iterator)
+        self.batches += 1
+        self.skipped += skipped
+        return images
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches, self.skipped = int(state["batches"]), int(state.get("skipped", 0))
+        self._iterator = None  # restarts the workers at the new position
