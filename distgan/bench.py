@@ -124,7 +124,7 @@ def cli(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         print(__doc__, file=sys.stderr)
         sys.exit(2)
-    run_command(COMMANDS[argv[0]], f"distgan.bench {argv[0]}", argv[1:])
+    run_command(COMMANDS[argv[0]], f"distgan.bench {argv[0]}", argv[1:], usage=__doc__)
 
 
 if __name__ == "__main__":

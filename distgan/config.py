@@ -227,11 +227,18 @@ def from_dict(data: dict) -> Config:
     return OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, origin="stored config"))
 
 
-def run_command(fn, name: str, argv: list[str]) -> None:
-    """Run fn as a fire command line; a ConfigError (bad config or input) exits with code 2 and one line."""
+def run_command(fn, name: str, argv: list[str], usage: str | None = None) -> None:
+    """Run fn as a fire command line; a ConfigError (bad config or input) exits with code 2 and one line.
+
+    With -h or --help, prints `usage` (when given) instead of fire's generated help.
+    """
     import functools
 
     import fire
+
+    if usage and any(a in ("-h", "--help") for a in argv):
+        print(usage.strip())
+        return
 
     @functools.wraps(fn)
     def quiet(*args, **kwargs):  # fire would print a returned value

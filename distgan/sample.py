@@ -67,7 +67,7 @@ def main(checkpoint: str, num: int = 64, out: str = "samples.png", seed: int = 0
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_command(main, "distgan.sample", sys.argv[1:] if argv is None else argv)
+    run_command(main, "distgan.sample", sys.argv[1:] if argv is None else argv, usage=__doc__)
 
 
 if __name__ == "__main__":

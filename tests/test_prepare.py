@@ -10,7 +10,8 @@ from PIL import Image
 
 from distgan.bench import write_photos
 from distgan.config import ConfigError
-from distgan.data.prepare import prepare, square_resize
+from distgan.data.images import square_resize
+from distgan.data.prepare import prepare
 from distgan.data.shards import tar_samples
 
 
@@ -115,6 +116,7 @@ def test_cli_summary_and_bad_input(src, tmp_path):
     ok = prepare_cli(src, "o", "--size", "16")
     assert ok.returncode == 0, ok.stderr
     assert "wrote 14 train samples in 1 shards (16x16 jpg)" in ok.stdout and "photos/notes.jpg" in ok.stdout
+    assert "Warning" not in ok.stderr  # e.g. runpy's about a module imported before it runs as __main__
     missing = prepare_cli(tmp_path / "nope", "x")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
     (tmp_path / "empty").mkdir()

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from distgan.data.prepare import square_resize
+from distgan.data.images import square_resize
 from distgan.data.shards import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")

@@ -27,10 +27,11 @@ import zipfile
 from pathlib import Path, PurePosixPath
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from distgan import rng
 from distgan.config import ConfigError, run_command
+from distgan.data.images import square_resize
 
 MANIFEST = "manifest.json"
 FORMAT_NAME, FORMAT_VERSION = "distgan-shards", 1
@@ -73,15 +74,6 @@ class Source:
 
 def _hidden(path: PurePosixPath) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
-
-
-def square_resize(image: Image.Image, size: int, mode: str) -> Image.Image:
-    """Center-crop to a square and resize to (size, size) with Lanczos filtering, in mode 'RGB' or 'L'."""
-    if image.format == "JPEG":
-        image.draft(mode, (2 * size, 2 * size))  # let libjpeg downscale huge images by 2-8x while decoding
-    image = ImageOps.exif_transpose(image)
-    image = image.convert(mode)
-    return ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
 
 
 def encode(image: Image.Image, encoding: str, quality: int) -> bytes:
@@ -312,4 +304,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_command(main, "distgan.data.prepare", sys.argv[1:])
+    run_command(main, "distgan.data.prepare", sys.argv[1:], usage=__doc__)
