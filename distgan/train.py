@@ -93,7 +93,7 @@ def train(cfg: Config) -> None:
     device = accelerator.device
     data = build_source(cfg, accelerator.process_index, accelerator.num_processes, pin_memory=device.type == "cuda")
 
-    start_step = 0
+    start_step, skipped_before = 0, 0
     resumed = checkpoint.load_latest(run_dir)
     if resumed is not None:
         state = resumed[1]
@@ -102,7 +102,7 @@ def train(cfg: Config) -> None:
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         data.load_state_dict(state["data"])
-        start_step = state["step"]
+        start_step, skipped_before = state["step"], state.get("data_skipped", 0)
 
     G, D, opt_g, opt_d = dist.prepare(accelerator, G, D, opt_g, opt_d)
     fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_SAMPLES, cfg.model.nz).to(device)
@@ -116,6 +116,10 @@ def train(cfg: Config) -> None:
         tracker.close()
         return
 
+    def data_skipped() -> int:
+        """Unreadable samples of the whole run, all ranks (a collective: every rank calls it at the same steps)."""
+        return skipped_before + int(accelerator.reduce(torch.tensor(data.skipped, device=device), "sum"))
+
     def save_checkpoint(step: int) -> None:
         state = {
             "step": step,
@@ -125,6 +129,7 @@ def train(cfg: Config) -> None:
             "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(),
             "data": data.state_dict(),
+            "data_skipped": data_skipped(),
             "config": to_dict(cfg),
             "versions": {"torch": str(torch.__version__)},
         }
@@ -149,8 +154,7 @@ def train(cfg: Config) -> None:
             means["images_per_s"] = window_steps * cfg.train.batch_size / elapsed
             means["images_seen"] = step * cfg.train.batch_size
             means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
-            # Unreadable samples so far, summed over ranks (every rank logs at the same steps).
-            means["data/skipped"] = int(accelerator.reduce(torch.tensor(data.skipped, device=device), "sum"))
+            means["data/skipped"] = data_skipped()
             tracker.log(step, means)
             sums, window_start, window_steps = {}, time.perf_counter(), 0
         if step % cfg.log.images_every == 0 or step == cfg.train.steps:

@@ -32,7 +32,7 @@ def test_training_on_shards_resumes_exactly(tmp_path):
     train(shard_config(tmp_path / "split", tmp_path / "shards", **{"train.steps": 8}))
     assert_same_weights(final_state(tmp_path / "straight"), final_state(tmp_path / "split"))
     state = final_state(tmp_path / "straight")
-    assert state["data"] == {"batches": 8, "skipped": 0}
+    assert state["data"] == {"batches": 8} and state["data_skipped"] == 0
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 8 and rows[-1]["data/skipped"] == 0
 
@@ -42,9 +42,12 @@ def test_training_on_damaged_shards_goes_on_and_reports_the_skips(tmp_path, capf
     prepare(str(tmp_path / "src"), str(tmp_path / "shards"), size=32, shard_size=16, progress=False)
     shard = tmp_path / "shards" / "train-000002.tar"
     shard.write_bytes(shard.read_bytes()[:9000])
-    train(shard_config(tmp_path / "run", tmp_path / "shards"))
+    train(shard_config(tmp_path / "run", tmp_path / "shards", **{"train.steps": 4}))
+    train(shard_config(tmp_path / "run", tmp_path / "shards", **{"train.steps": 6}))  # resumed: the count goes on
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 6 and rows[-1]["data/skipped"] > 0
+    assert [r["step"] for r in rows] == [2, 4, 6]
+    assert 0 < rows[1]["data/skipped"] <= rows[2]["data/skipped"]
+    assert final_state(tmp_path / "run")["data_skipped"] == rows[2]["data/skipped"]
     assert "train-000002.tar: read" in capfd.readouterr().err
 
 

@@ -84,7 +84,8 @@ class IndexedBatches:
         self.images, self.batch_size, self.workers = images, batch_size, workers
         self.order = GlobalOrder(len(images), batch_size, seed)
         self.rank_slice = rank_slice(batch_size, rank, world_size)
-        self.position, self.skipped = 0, 0
+        self.position = 0
+        self.skipped = 0  # unreadable files this rank replaced since this object was built (not saved: ranks differ)
         self.notes: list[str] = []
         self._loader = None
 
@@ -112,8 +113,8 @@ class IndexedBatches:
         return images
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "skipped": self.skipped}
+        return {"position": self.position}
 
     def load_state_dict(self, state: dict) -> None:
-        self.position, self.skipped = int(state["position"]), int(state.get("skipped", 0))
+        self.position = int(state["position"])
         self._loader = None  # restarts any workers at the new position

@@ -413,7 +413,8 @@ class ShardBatches:
         self.stream_args = (shards, seed, rank, world, self.workers, per_rank, buffer, image_size, channels)
         self.pin_memory = pin_memory
         self.rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
-        self.batches, self.skipped = 0, 0
+        self.batches = 0
+        self.skipped = 0  # samples this rank skipped since this object was built (not saved: ranks differ)
         self._iterator = None
         epoch0 = self._stream(0).batches_in_epoch(0)
         self.notes.insert(
@@ -446,8 +447,8 @@ class ShardBatches:
         return images
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "skipped": self.skipped}
+        return {"batches": self.batches}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batches, self.skipped = int(state["batches"]), int(state.get("skipped", 0))
+        self.batches = int(state["batches"])
         self._iterator = None  # restarts the workers at the new position
