@@ -11,7 +11,7 @@ from PIL import Image
 from distgan.bench import write_photos
 from distgan.config import ConfigError
 from distgan.data.images import square_resize
-from distgan.data.prepare import prepare
+from distgan.data.prepare import _SplitWriter, prepare
 from distgan.data.shards import tar_samples
 
 
@@ -78,6 +78,15 @@ def test_output_is_deterministic_and_zip_gives_the_same_shards(src, tmp_path):
     c = prepare(str(archive), str(tmp_path / "c"), size=32, shard_size=4, workers=2, progress=False)
     assert shard_bytes(tmp_path / "c") == shard_bytes(tmp_path / "a")
     assert c["skipped"] == a["skipped"] and c["splits"] == a["splits"]
+    flat = tmp_path / "flat.zip"  # no top-level folder, plus the litter of macOS and dot files
+    with zipfile.ZipFile(flat, "w") as z:
+        for path in sorted(src.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(src).as_posix())
+        z.writestr("__MACOSX/photos/._000000.jpg", b"resource fork")
+        z.writestr("photos/.DS_Store", b"finder")
+    d = prepare(str(flat), str(tmp_path / "d"), size=32, shard_size=4, workers=2, progress=False)
+    assert shard_bytes(tmp_path / "d") == shard_bytes(tmp_path / "a") and d["num_files"] == a["num_files"]
 
 
 def test_val_split_and_image_folder_classes(tmp_path):
@@ -104,9 +113,28 @@ def test_refuses_to_replace_data_without_overwrite(src, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="would delete the source"):
         prepare(str(src / "photos"), str(src), overwrite=True, progress=False)
+    with pytest.raises(ConfigError, match="is inside --src"):
+        prepare(str(src), str(src / "shards"), progress=False)
     prepare(str(src), str(out), size=16, overwrite=True, progress=False)
     assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left behind
+
+
+def test_a_failed_run_leaves_the_old_output_and_no_staging(src, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare(str(src), str(out), size=16, progress=False)
+    before = shard_bytes(out)
+
+    def broken_write(self, sample, candidate):
+        if candidate == 3:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-run
+        original(self, sample, candidate)
+
+    original = _SplitWriter.write
+    monkeypatch.setattr(_SplitWriter, "write", broken_write)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(src), str(out), size=24, overwrite=True, workers=1, progress=False)
+    assert shard_bytes(out) == before and [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_cli_summary_and_bad_input(src, tmp_path):

@@ -161,6 +161,8 @@ def _check_out(out: Path, src: Path, overwrite: bool) -> None:
     resolved_out, resolved_src = out.resolve(), src.resolve()
     if resolved_out == resolved_src or resolved_out in resolved_src.parents:
         raise ConfigError(f"--out {out} contains --src {src}; replacing it would delete the source images")
+    if resolved_src in resolved_out.parents:
+        raise ConfigError(f"--out {out} is inside --src {src}; a later run would read the shards as images")
 
 
 def prepare(
@@ -193,7 +195,7 @@ def prepare(
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    out_dir, source = Path(out), Source(src)
+    out_dir, source = Path(out).resolve(), Source(src)  # resolved: "." and "a/.." have no usable name
     _check_out(out_dir, source.path, overwrite)
     workers = workers or min(os.cpu_count() or 1, 32)
 
@@ -206,60 +208,63 @@ def prepare(
     staging = out_dir.parent / f".{out_dir.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    writers = {
-        "val": _SplitWriter(staging, "val", num_val, shard_size),
-        "train": _SplitWriter(staging, "train", n - num_val, shard_size),
-    }
-    skipped = []
-    init_args = (str(source.path), source.is_zip, size, "RGB" if channels == 3 else "L", format, quality)
-    members = [source.members[i] for i in order]
-    bar = tqdm(total=n, unit="img", desc="prepare", disable=not progress, dynamic_ncols=True, mininterval=1.0)
-    if workers == 1:
-        _init_worker(*init_args)
-        results = map(_process, members)
-        pool = None
-    else:
-        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, init_args)
-        results = pool.imap(_process, members, chunksize=16)  # imap keeps the input order
     try:
-        for position, (index, (data, error)) in enumerate(zip(order, results)):
-            bar.update()
-            if data is None:
-                skipped.append({"path": source.relative[index], "reason": error})
-                continue
-            sample = {"__key__": f"{index:08d}", format: data}  # key: index in sorted source order
-            if classes:
-                sample["cls"] = str(class_index[PurePosixPath(source.relative[index]).parts[0]])
-            if position < num_val:
-                writers["val"].write(sample, position)
-            else:
-                writers["train"].write(sample, position - num_val)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.terminate()
-    splits = {name: w.close() for name, w in writers.items()}
-    splits = {name: shards for name, shards in splits.items() if shards}
-    if not splits:
-        shutil.rmtree(staging)
-        raise ConfigError(f"--src {src}: none of its {n} files is a readable image (first: {skipped[0]['reason']})")
+        writers = {
+            "val": _SplitWriter(staging, "val", num_val, shard_size),
+            "train": _SplitWriter(staging, "train", n - num_val, shard_size),
+        }
+        skipped = []
+        init_args = (str(source.path), source.is_zip, size, "RGB" if channels == 3 else "L", format, quality)
+        members = [source.members[i] for i in order]
+        bar = tqdm(total=n, unit="img", desc="prepare", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+        if workers == 1:
+            _init_worker(*init_args)
+            results = map(_process, members)
+            pool = None
+        else:
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, init_args)
+            results = pool.imap(_process, members, chunksize=16)  # imap keeps the input order
+        try:
+            for position, (index, (data, error)) in enumerate(zip(order, results)):
+                bar.update()
+                if data is None:
+                    skipped.append({"path": source.relative[index], "reason": error})
+                    continue
+                sample = {"__key__": f"{index:08d}", format: data}  # key: index in sorted source order
+                if classes:
+                    sample["cls"] = str(class_index[PurePosixPath(source.relative[index]).parts[0]])
+                if position < num_val:
+                    writers["val"].write(sample, position)
+                else:
+                    writers["train"].write(sample, position - num_val)
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.terminate()
+        splits = {name: w.close() for name, w in writers.items()}
+        splits = {name: shards for name, shards in splits.items() if shards}
+        if not splits:
+            raise ConfigError(f"--src {src}: none of its {n} files is a readable image (first: {skipped[0]['reason']})")
 
-    manifest = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "image_size": size,
-        "channels": channels,
-        "encoding": format,
-        "source": str(source.path.resolve()),
-        "options": {"quality": quality, "shard_size": shard_size, "val_fraction": val_fraction, "seed": seed},
-        "num_files": n,
-        "num_samples": {name: sum(s["samples"] for s in shards) for name, shards in splits.items()},
-        "classes": classes,
-        "splits": splits,
-        "num_skipped": len(skipped),
-        "skipped": skipped,
-    }
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "image_size": size,
+            "channels": channels,
+            "encoding": format,
+            "source": str(source.path.resolve()),
+            "options": {"quality": quality, "shard_size": shard_size, "val_fraction": val_fraction, "seed": seed},
+            "num_files": n,
+            "num_samples": {name: sum(s["samples"] for s in shards) for name, shards in splits.items()},
+            "classes": classes,
+            "splits": splits,
+            "num_skipped": len(skipped),
+            "skipped": skipped,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    except BaseException:  # an error or Ctrl-C: leave no half-written data set behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     _replace_dir(staging, out_dir)
     return manifest
 

@@ -9,9 +9,10 @@ How an epoch is laid out (every rank computes the same plan from the shard list,
 - a slot's samples pass through a shuffle buffer seeded by (seed, epoch, rank, worker), then are decoded with
   torchvision.io.decode_jpeg into uint8 (C, H, W) and stacked;
 - the DataLoader returns worker batches round-robin, so rank batch i of an epoch is batch i // workers of
-  slot i % workers (an epoch's batch count is a multiple of the worker count). The stream position is simply
-  the number of batches taken (the same on all ranks); a resumed stream replays the current epoch's samples up
-  to that position and goes on from there.
+  slot i % workers (an epoch's batch count is a multiple of the worker count). The stream position is
+  (epoch, batch index in it), the same on all ranks; a resumed stream replays the current epoch's samples up
+  to that position and goes on from there. The plan depends on the world size, the workers and the batch per
+  rank: a run resumed under another layout goes on from the start of the next epoch.
 Unreadable samples (a truncated tar, a JPEG that fails to decode) are skipped, warned and counted; a slot that
 runs short re-reads its own shards, so the batch counts stay equal.
 """
@@ -53,6 +54,7 @@ class ShardSet:
     shards: list[Shard]
     image_size: int | None  # from the manifest; None when the shards came without one
     origin: str
+    channels: int | None = None  # from the manifest
 
     @property
     def num_samples(self) -> int:
@@ -105,11 +107,8 @@ def read_tar(stream) -> Iterator[tuple[str, bytes]]:
         kind = header[156:157]
         if kind == b"L":  # GNU long name of the next member
             long_name = data.rstrip(b"\0").decode()
-        elif kind == b"x":  # pax extended header; only its path matters here
-            for record in data.decode().splitlines():
-                key, _, value = record.partition(" ")[2].partition("=")
-                if key == "path":
-                    long_name = value
+        elif kind == b"x":  # pax extended header: records "<length> <key>=<value>\n"; only the path matters here
+            long_name = _pax_path(data) or long_name
         elif kind in (b"0", b"\0"):
             prefix, name = header[345:500].rstrip(b"\0"), header[:100].rstrip(b"\0")
             yield long_name or (prefix + b"/" + name if prefix else name).decode(), data
@@ -119,7 +118,23 @@ def read_tar(stream) -> Iterator[tuple[str, bytes]]:
 
 
 def _octal(field: bytes) -> int:
-    return int(field.split(b"\0")[0].strip() or b"0", 8)
+    try:
+        return int(field.split(b"\0")[0].strip() or b"0", 8)
+    except ValueError:
+        raise TarError(f"bad number {field!r} in a tar header") from None
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The `path` record of a pax extended header, read by the records' length prefixes."""
+    path, offset = None, 0
+    while offset < len(data):
+        space = data.index(b" ", offset)
+        length = int(data[offset:space])
+        key, _, value = data[space + 1 : offset + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode()
+        offset += length
+    return path
 
 
 def tar_samples(url: str) -> Iterator[dict]:
@@ -148,18 +163,24 @@ def tar_samples(url: str) -> Iterator[dict]:
 
 
 def _load_manifest(path: Path) -> ShardSet:
+    from distgan.data.prepare import FORMAT_NAME, FORMAT_VERSION
+
     try:
         manifest = json.loads(path.read_text())
-        entries = manifest["splits"]["train"]
-        image_size = int(manifest["image_size"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"data.path {path}: not a readable distgan manifest ({type(e).__name__}: {e})") from None
+        if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}")
+        image_size, channels = int(manifest["image_size"]), int(manifest["channels"])
+        entries = [(str(e["file"]), int(e["samples"])) for e in manifest["splits"]["train"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(
+            f"data.path {path}: not a manifest of distgan.data.prepare {FORMAT_NAME} v{FORMAT_VERSION} "
+            f"({type(e).__name__}: {e})"
+        ) from None
     shards = []
-    for entry in entries:
-        file = str(entry["file"])
+    for file, samples in entries:
         url = file if _is_url(file) or Path(file).is_absolute() else str(path.parent / file)
-        shards.append(Shard(url, int(entry["samples"])))
-    return ShardSet(shards, image_size, str(path))
+        shards.append(Shard(url, samples))
+    return ShardSet(shards, image_size, str(path), channels)
 
 
 def resolve(path: str) -> ShardSet:
@@ -292,26 +313,20 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.shards, self.seed, self.rank, self.world_size = shards, seed, rank, world_size
         self.workers, self.batch_per_rank, self.buffer = workers, batch_per_rank, buffer
-        self.image_size, self.channels, self.start = image_size, channels, start
+        self.image_size, self.channels = image_size, channels
+        self.start_epoch, self.start_index = start  # the first batch to yield: (epoch, batch index in it)
 
     def batches_in_epoch(self, epoch: int) -> int:
         """Batches every rank yields in `epoch`."""
         m = batches_per_worker(self.shards, self.seed, epoch, self.world_size, self.workers, self.batch_per_rank)
         return m * self.workers
 
-    def locate(self, position: int) -> tuple[int, int]:
-        """(epoch, batch index within that epoch) of the rank's `position`-th batch."""
-        epoch = 0
-        while position >= (n := self.batches_in_epoch(epoch)):
-            position, epoch = position - n, epoch + 1
-        return epoch, position
-
     def __iter__(self):
         info = get_worker_info()
         # A new DataLoader iterator asks its workers round-robin from worker 0, so the loader's worker j serves
-        # slot (j + start) % workers: the one that owns the stream's next batch.
-        worker = ((info.id if info is not None else 0) + self.start) % self.workers
-        epoch, index = self.locate(self.start)
+        # slot (j + start index) % workers: the one that owns the stream's next batch.
+        worker = ((info.id if info is not None else 0) + self.start_index) % self.workers
+        epoch, index = self.start_epoch, self.start_index
         while True:
             replay = max(0, -(-(index - worker) // self.workers))  # this worker's batches before `index`
             batches = self.epoch_batches(epoch, worker, self.batches_in_epoch(epoch) // self.workers)
@@ -363,7 +378,7 @@ class ShardStream(IterableDataset):
 
 
 class ShardBatches:
-    """This rank's endless stream of uint8 batches from shards, resumable from the number of batches taken."""
+    """This rank's endless stream of uint8 batches from shards, resumable from its (epoch, batch index)."""
 
     def __init__(
         self,
@@ -386,6 +401,11 @@ class ShardBatches:
                 f"{shard_set.origin} holds {shard_set.image_size}x{shard_set.image_size} images but "
                 f"model.image_size is {image_size}; set model.image_size={shard_set.image_size} or prepare again "
                 f"with --size {image_size}"
+            )
+        if shard_set.channels is not None and shard_set.channels != channels:
+            raise DataError(
+                f"{shard_set.origin} holds {shard_set.channels}-channel images but model.channels is {channels}; "
+                f"set model.channels={shard_set.channels} or prepare again with --channels {channels}"
             )
         if len(shards) < world:
             raise DataError(
@@ -411,21 +431,24 @@ class ShardBatches:
                 f"train.batch_size or more data"
             )
         self.stream_args = (shards, seed, rank, world, self.workers, per_rank, buffer, image_size, channels)
+        # The epoch plan depends on these; a resume under another layout starts a fresh epoch (load_state_dict).
+        self.layout = {"world_size": world, "workers": self.workers, "shards": len(shards), "batch_per_rank": per_rank}
         self.pin_memory = pin_memory
         self.rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
-        self.batches = 0
+        self.epoch, self.index, self.batches = 0, 0, 0  # position: batch `index` of `epoch`; batches taken in all
         self.skipped = 0  # samples this rank skipped since this object was built (not saved: ranks differ)
         self._iterator = None
-        epoch0 = self._stream(0).batches_in_epoch(0)
+        self._epoch_length = self.batches_in_epoch(0)
         self.notes.insert(
             0,
             f"{len(shards)} shards, {shard_set.num_samples} samples from {shard_set.origin}; "
-            f"{world} rank(s) x {self.workers} worker(s); {epoch0} batches of {per_rank} per rank in epoch 0 "
-            f"({epoch0 * batch_size} of {shard_set.num_samples} samples)",
+            f"{world} rank(s) x {self.workers} worker(s); {self._epoch_length} batches of {per_rank} per rank in "
+            f"epoch 0 ({self._epoch_length * batch_size} of {shard_set.num_samples} samples)",
         )
 
-    def _stream(self, start: int) -> ShardStream:
-        return ShardStream(*self.stream_args, start)
+    def batches_in_epoch(self, epoch: int) -> int:
+        """Batches every rank yields in `epoch` (the same on all ranks, computed without communication)."""
+        return ShardStream(*self.stream_args, (0, 0)).batches_in_epoch(epoch)
 
     def __iter__(self):
         return self
@@ -433,7 +456,7 @@ class ShardBatches:
     def __next__(self) -> torch.Tensor:
         if self._iterator is None:
             loader = DataLoader(
-                self._stream(self.batches),
+                ShardStream(*self.stream_args, (self.epoch, self.index)),
                 batch_size=None,
                 num_workers=self.loader_workers,
                 pin_memory=self.pin_memory,
@@ -441,14 +464,27 @@ class ShardBatches:
                 persistent_workers=False,
             )
             self._iterator = iter(loader)
-        images, skipped = next(self._iterator)
-        self.batches += 1
-        self.skipped += skipped
+        try:
+            images, skipped = next(self._iterator)
+        except DataError as e:  # raised in a worker, re-raised here with the worker's traceback in the message
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        self.batches, self.index, self.skipped = self.batches + 1, self.index + 1, self.skipped + skipped
+        if self.index == self._epoch_length:
+            self.epoch, self.index = self.epoch + 1, 0
+            self._epoch_length = self.batches_in_epoch(self.epoch)
         return images
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches}
+        return {"epoch": self.epoch, "index": self.index, "batches": self.batches, "layout": self.layout}
 
     def load_state_dict(self, state: dict) -> None:
-        self.batches = int(state["batches"])
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if state["layout"] != self.layout and index > 0:
+            self.notes.append(
+                f"the data layout changed since the checkpoint ({state['layout']} -> {self.layout}); the epoch "
+                f"plan depends on it, so reading goes on from the start of epoch {epoch + 1}"
+            )
+            epoch, index = epoch + 1, 0
+        self.epoch, self.index, self.batches = epoch, index, int(state["batches"])
+        self._epoch_length = self.batches_in_epoch(epoch)
         self._iterator = None  # restarts the workers at the new position
