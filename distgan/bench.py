@@ -1,6 +1,7 @@
 """Benchmarks that print figures side by side (never timed assertions).
 
     python -m distgan.bench data [--path FOLDER] [--workers N] [--size 64] [--batch_size 128] [--seconds 10]
+    python -m distgan.bench train [--processes 1,2] [--precisions fp32,bf16] [--steps 30] [--config FILE]
 
 `data`: images/s of the shard reader versus the torchvision ImageFolder + Resize + CenterCrop + ToTensor +
 Normalize loader that the DCGAN examples use, over the same source images with the same worker count. FOLDER is
@@ -116,7 +117,47 @@ def data(
     return {"imagefolder": folder_rate, "shards": shard_rate, "ratio": shard_rate / folder_rate}
 
 
-COMMANDS = {"data": data}
+def train(
+    processes: str | int | tuple = "1,2",
+    precisions: str | tuple = "fp32,bf16",
+    steps: int = 30,
+    config: str = "configs/synthetic64.yaml",
+    batch_size: int = 64,
+    device: str = "cpu",
+) -> list[dict]:
+    """images/s of whole training steps for each process count and precision (torchrun for more than one).
+
+    Each run logs every steps // 3 steps; the figure is the mean of the windows after the first (warm-up).
+    """
+    import json
+    import os
+    import subprocess
+
+    def items(value) -> list[str]:
+        return [str(v) for v in (value if isinstance(value, tuple | list) else str(value).split(","))]
+
+    results = []
+    print(f"{'processes':>9} {'precision':>9} {'images/s':>9}  ({config}, batch {batch_size}, {steps} steps)")
+    for nproc in map(int, items(processes)):
+        for precision in items(precisions):
+            with tempfile.TemporaryDirectory(prefix="distgan-bench-") as run_dir:
+                overrides = {
+                    "run.dir": run_dir, "run.device": device, "train.steps": steps, "train.batch_size": batch_size,
+                    "train.precision": precision, "log.every": max(1, steps // 3), "log.images_every": steps,
+                    "log.progress": False, "checkpoint.every": 0,
+                }  # fmt: skip
+                args = [f"--config={config}", *(f"--{k}={v}" for k, v in overrides.items())]
+                launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+                env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+                subprocess.run([*launcher, "-m", "distgan.train", *args], check=True, env=env, capture_output=True)
+                rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+            rate = sum(r["images_per_s"] for r in rows[1:]) / max(1, len(rows) - 1)
+            print(f"{nproc:>9} {precision:>9} {rate:>9.1f}", flush=True)
+            results.append({"processes": nproc, "precision": precision, "images_per_s": rate})
+    return results
+
+
+COMMANDS = {"data": data, "train": train}
 
 
 def cli(argv: list[str] | None = None) -> None:

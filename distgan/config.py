@@ -70,6 +70,15 @@ class DataConfig:
 class TrainConfig:
     steps: int = opt(3000, "Optimizer steps of G (one D step precedes each).", minimum=1)
     batch_size: int = opt(128, "Global batch: images per step summed over all ranks.", minimum=1)
+    precision: str = opt(
+        "auto",
+        "fp32; bf16 (autocast); fp16 (autocast and loss scaling, CUDA only); auto: the launcher's mixed precision "
+        "(accelerate launch config or --mixed_precision), else fp32.",
+        choices=("auto", "fp32", "bf16", "fp16"),
+    )
+    max_bad_steps: int = opt(
+        20, "Stop after this many steps in a row whose gradients were NaN/Inf (each one is skipped).", minimum=1
+    )
     loss: str = opt(
         "nonsaturating",
         "GAN loss: nonsaturating (BCE, G maximises log D(G(z))), minimax (G minimises log(1 - D(G(z)))), hinge.",
@@ -83,6 +92,11 @@ class OptimConfig:
     lr_d: float = opt(2e-4, "Adam learning rate of D.", minimum=0.0)
     beta1: float = opt(0.5, "Adam beta1 (DCGAN: 0.5).", minimum=0.0)
     beta2: float = opt(0.999, "Adam beta2.", minimum=0.0)
+
+
+@dataclass
+class DistConfig:
+    sync_bn: bool = opt(True, "With more than one process, batch norm uses statistics of the global batch.")
 
 
 @dataclass
@@ -104,6 +118,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
 

@@ -1,20 +1,61 @@
-"""The distributed runtime: the one place that knows about ranks, devices and model wrapping.
+"""The distributed runtime: the one place that knows about ranks, devices, synced batch norm and DDP wrapping.
 
 `accelerate.Accelerator` owns the process group, device placement and DDP wrapping, so the same code runs
-under plain `python -m`, `torchrun`, `accelerate launch` and `srun`.
+under plain `python -m`, `torchrun`, `accelerate launch` and `srun`. Added around it, because Accelerate lacks
+them: synced batch norm (torch's on CUDA, distgan.syncbn on CPU/gloo), DDP without buffer broadcasts, and a
+check that the replicas still hold the same weights.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
+
+import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 
-from distgan.config import Config
+from distgan.config import Config, ConfigError
+from distgan.syncbn import SyncBatchNorm
+
+
+class ReplicaMismatch(RuntimeError):
+    """Ranks hold different weights: a bug or a broken node; continuing would train diverging models."""
 
 
 def setup(cfg: Config) -> Accelerator:
-    """Start (or join) the runtime described by the launcher's environment."""
-    return Accelerator(cpu=cfg.run.device == "cpu")
+    """Start (or join) the runtime described by the launcher's environment.
+
+    Batch-norm buffers are not broadcast from rank 0 at every forward (DDP's default): with synced batch norm
+    they are identical on every rank anyway, and broadcasting them would cost a collective per forward pass.
+    Accelerate's mixed precision stays off: train.py owns autocast and one loss scaler per network (see
+    precision.py), where Accelerate would share one scaler between the two optimizers.
+    """
+    # torch 2.14 renames the flag forward_sync_buffers, which Accelerate cannot pass yet; the old one still works
+    # (the difference, a buffer sync when wrapping, is harmless here).
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # cpu=True also when there is no GPU: otherwise Accelerate, started by `accelerate launch --multi_gpu` on a
+    # CPU-only machine, runs each process as an independent single-process job instead of joining them (gloo).
+    cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    if cfg.train.batch_size % accelerator.num_processes:
+        raise ConfigError(
+            f"train.batch_size {cfg.train.batch_size} is not divisible by the {accelerator.num_processes} processes"
+        )
+    return accelerator
+
+
+def resolve_precision(cfg: Config, accelerator: Accelerator) -> str:
+    """fp32, bf16 or fp16: train.precision, or for `auto` the launcher's mixed precision setting."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")  # set by accelerate launch from its config
+        precision = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}.get(launcher, "fp32")
+    if precision == "fp16" and accelerator.device.type != "cuda":
+        raise ConfigError("train.precision fp16 needs a CUDA device; on CPU use bf16")
+    return precision
 
 
 def is_main(accelerator: Accelerator) -> bool:
@@ -22,11 +63,52 @@ def is_main(accelerator: Accelerator) -> bool:
     return accelerator.is_main_process
 
 
-def prepare(accelerator: Accelerator, *objects):
-    """Place modules and optimizers on the device and wrap them for the runtime (DDP when world size > 1)."""
-    return accelerator.prepare(*objects)
+def wrap(accelerator: Accelerator, cfg: Config, *modules: nn.Module) -> list[nn.Module]:
+    """Synced batch norm (more than one process and dist.sync_bn), then device placement and DDP."""
+    if accelerator.num_processes > 1 and cfg.dist.sync_bn:
+        if accelerator.device.type == "cuda":
+            modules = tuple(nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in modules)
+        else:
+            modules = tuple(SyncBatchNorm.convert(m) for m in modules)
+    wrapped = accelerator.prepare(*modules)
+    return list(wrapped) if len(modules) > 1 else [wrapped]
 
 
 def unwrap(accelerator: Accelerator, module: nn.Module) -> nn.Module:
-    """The plain module inside any runtime wrapper (what checkpoints and sampling use)."""
+    """The plain module inside any runtime wrapper (what checkpoints, sampling and the G step's D use)."""
     return accelerator.unwrap_model(module)
+
+
+def reduce_mean(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
+    """The mean of a tensor over ranks (every rank must call it)."""
+    return accelerator.reduce(values, "mean")
+
+
+def reduce_sum(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over ranks (every rank must call it)."""
+    return accelerator.reduce(values, "sum")
+
+
+def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module], buffers: bool = True) -> None:
+    """Raise ReplicaMismatch on every rank, naming the first differing tensor, if the ranks' tensors differ.
+
+    Each rank sends two float64 checksums per tensor (its sum, and a position-weighted sum); buffers are left out
+    when they legitimately differ (batch-norm statistics without synced batch norm).
+    """
+    if accelerator.num_processes == 1:
+        return
+    names, sums = [], []
+    for prefix, module in modules.items():
+        tensors = list(module.named_parameters()) + (list(module.named_buffers()) if buffers else [])
+        for name, t in tensors:
+            flat = t.detach().flatten().double()
+            weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.float64)
+            names.append(f"{prefix}.{name}")
+            sums.append(torch.stack([flat.sum(), (flat * weights).sum()]))
+    mine = torch.stack(sums)  # (tensors, 2)
+    everyone = accelerator.gather(mine[None])  # (world, tensors, 2)
+    for rank in range(1, everyone.shape[0]):
+        differs = (everyone[rank] != everyone[0]).any(1)
+        if differs.any():
+            first = names[int(differs.nonzero()[0])]
+            raise ReplicaMismatch(f"rank {rank} holds a different {first} than rank 0; the replicas have diverged")

@@ -17,6 +17,7 @@ from distgan.config import Config, ConfigError, describe, load_config, run_comma
 from distgan.data import build_source, flips, hflip, to_model_input
 from distgan.losses import d_loss, g_loss
 from distgan.models import build_models
+from distgan.precision import Precision
 from distgan.tracking import Tracker
 
 NUM_FIXED_SAMPLES = 64  # an 8x8 grid
@@ -30,26 +31,33 @@ def train_step(
     real: torch.Tensor,
     z: torch.Tensor,
     loss: str = "nonsaturating",
+    precision: Precision | None = None,
+    D_plain: nn.Module | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One D update then one G update on the same fake batch; returns detached scalar statistics."""
-    fake = G(z)  # (B, C, H, W); kept attached for the G step
+    """One D update then one G update on the same fake batch; returns detached scalar statistics.
 
-    # D step: real -> 1, fake -> 0. detach() keeps D's loss from reaching G.
-    real_logits = D(real)
-    fake_logits = D(fake.detach())
-    loss_d = d_loss(loss, real_logits, fake_logits)
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
+    D_plain is D without its DDP wrapper (default: D itself). The G step runs D through it, so D's DDP reducer,
+    which no D gradient will reach in that step, is not left waiting for one; synced batch norm layers inside
+    still synchronise.
+    """
+    precision = precision or Precision("fp32", real.device)
+    D_plain = D if D_plain is None else D_plain
+    with precision.autocast():
+        fake = G(z)  # (B, C, H, W); kept attached for the G step
+
+        # D step: real -> 1, fake -> 0. detach() keeps D's loss from reaching G.
+        real_logits = D(real)
+        fake_logits = D(fake.detach())
+    loss_d = d_loss(loss, real_logits, fake_logits)  # losses in fp32 from the logits
+    grad_norm_d = precision.step("D", loss_d, opt_d)
 
     # G step against the updated D. D's weights are frozen so backward computes only what G needs.
-    D.requires_grad_(False)
-    fake_logits_after = D(fake)
+    D_plain.requires_grad_(False)
+    with precision.autocast():
+        fake_logits_after = D_plain(fake)
     loss_g = g_loss(loss, fake_logits_after)
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
-    D.requires_grad_(True)
+    grad_norm_g = precision.step("G", loss_g, opt_g)
+    D_plain.requires_grad_(True)
 
     return {
         "loss/D": loss_d.detach(),
@@ -57,6 +65,8 @@ def train_step(
         "D/real": torch.sigmoid(real_logits.detach().float()).mean(),  # D(x)
         "D/fake_before": torch.sigmoid(fake_logits.detach().float()).mean(),  # D(G(z)) before the D update
         "D/fake_after": torch.sigmoid(fake_logits_after.detach().float()).mean(),  # ... and after it
+        "grad_norm/D": grad_norm_d.detach().float(),
+        "grad_norm/G": grad_norm_g.detach().float(),
     }
 
 
@@ -87,26 +97,37 @@ def train(cfg: Config) -> None:
 
     torch.manual_seed(cfg.run.seed)
     G, D = build_models(cfg.model)
-    betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.lr_d, betas=betas)
     device = accelerator.device
+    precision = Precision(dist.resolve_precision(cfg, accelerator), device)
     data = build_source(cfg, accelerator.process_index, accelerator.num_processes, pin_memory=device.type == "cuda")
 
-    start_step, skipped_before = 0, 0
+    start_step, skipped_before, bad_steps = 0, 0, 0
     resumed = checkpoint.load_latest(run_dir)
     if resumed is not None:
         state = resumed[1]
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
-        opt_g.load_state_dict(state["opt_g"])
+    G, D = dist.wrap(accelerator, cfg, G, D)  # synced batch norm, device, DDP: every rank, same order
+    D_plain = dist.unwrap(accelerator, D)
+    betas = (cfg.optim.beta1, cfg.optim.beta2)
+    opt_g = torch.optim.Adam(dist.unwrap(accelerator, G).parameters(), lr=cfg.optim.lr_g, betas=betas)
+    opt_d = torch.optim.Adam(D_plain.parameters(), lr=cfg.optim.lr_d, betas=betas)
+    if resumed is not None:
+        opt_g.load_state_dict(state["opt_g"])  # moves the Adam moments to the parameters' device
         opt_d.load_state_dict(state["opt_d"])
+        precision.load_state_dict(state.get("scalers", {}))
         data.load_state_dict(state["data"])
         start_step, skipped_before = state["step"], state.get("data_skipped", 0)
+        bad_steps = state.get("bad_steps", 0)
 
-    G, D, opt_g, opt_d = dist.prepare(accelerator, G, D, opt_g, opt_d)
     fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_SAMPLES, cfg.model.nz).to(device)
     tracker = Tracker(run_dir, is_main, cfg.train.steps, start_step, cfg.log.progress)
+    world = accelerator.num_processes
+    synced = ", synced batch norm" if world > 1 and cfg.dist.sync_bn else ""
+    tracker.print(
+        f"{world} process(es) on {device.type}, {precision.name}, batch {cfg.train.batch_size} "
+        f"({cfg.train.batch_size // world} per process){synced}"
+    )
     for note in data.notes:
         tracker.print(f"data: {note}")
     if resumed is not None:
@@ -118,7 +139,7 @@ def train(cfg: Config) -> None:
 
     def data_skipped() -> int:
         """Unreadable samples of the whole run, all ranks (a collective: every rank calls it at the same steps)."""
-        return skipped_before + int(accelerator.reduce(torch.tensor(data.skipped, device=device), "sum"))
+        return skipped_before + int(dist.reduce_sum(accelerator, torch.tensor(data.skipped, device=device)))
 
     def save_checkpoint(step: int) -> None:
         state = {
@@ -128,33 +149,49 @@ def train(cfg: Config) -> None:
             "D": dist.unwrap(accelerator, D).state_dict(),
             "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(),
+            "scalers": precision.state_dict(),
+            "bad_steps": bad_steps,
             "data": data.state_dict(),
             "data_skipped": data_skipped(),
             "config": to_dict(cfg),
             "versions": {"torch": str(torch.__version__)},
         }
+        dist.check_replicas(accelerator, {"G": G, "D": D}, buffers=cfg.dist.sync_bn)
         checkpoint.save(checkpoint.path_for(run_dir, step), state, is_main)
 
     sums: dict[str, torch.Tensor] = {}
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, bad_in_a_row = time.perf_counter(), 0, 0
     for step in range(start_step + 1, cfg.train.steps + 1):
         real = to_model_input(next(data), device)
         if cfg.data.hflip:
             real = hflip(real, flips(cfg.run.seed, step, cfg.train.batch_size)[data.rank_slice].to(device))
         z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[data.rank_slice].to(device)
-        stats = train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss)
+        stats = train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss, precision, D_plain)
+        # A NaN/Inf gradient skipped an update; the norms are the same on every rank (see precision.py).
+        if not bool(torch.isfinite(stats["grad_norm/D"]) & torch.isfinite(stats["grad_norm/G"])):
+            bad_steps, bad_in_a_row = bad_steps + 1, bad_in_a_row + 1
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise FloatingPointError(
+                    f"step {step}: NaN/Inf gradients in {bad_in_a_row} steps in a row (train.max_bad_steps); "
+                    f"try a lower learning rate, or bf16/fp32 instead of fp16"
+                )
+        else:
+            bad_in_a_row = 0
         for k, v in stats.items():
             sums[k] = sums[k] + v if k in sums else v
         window_steps += 1
         tracker.advance()
 
         if step % cfg.log.every == 0 or step == cfg.train.steps:
-            means = dict(zip(sums, (torch.stack(list(sums.values())) / window_steps).tolist()))  # one host sync
+            # Means over the window and over ranks: one collective and one host sync per log step.
+            window_means = dist.reduce_mean(accelerator, torch.stack(list(sums.values())) / window_steps)
+            means = dict(zip(sums, window_means.tolist()))
             elapsed = time.perf_counter() - window_start
             means["images_per_s"] = window_steps * cfg.train.batch_size / elapsed
             means["images_seen"] = step * cfg.train.batch_size
             means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
             means["data/skipped"] = data_skipped()
+            means["train/skipped_steps"] = bad_steps
             tracker.log(step, means)
             sums, window_start, window_steps = {}, time.perf_counter(), 0
         if step % cfg.log.images_every == 0 or step == cfg.train.steps:

@@ -54,3 +54,64 @@ def write_index_pngs(folder: Path, num: int, size: int = 16) -> Path:
 def image_index(images: torch.Tensor) -> list[int]:
     """Indices encoded by write_index_pngs, read back from a uint8 batch (B, 3, H, W)."""
     return (images[:, 0, 0, 0].long() + 256 * images[:, 1, 0, 0].long()).tolist()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(fn, rank: int, world_size: int, port: int, out: str, kwargs: dict) -> None:
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+    )  # fmt: skip
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # the forked child must not reuse the parent's state
+    torch.set_num_threads(1)
+    try:
+        result = ("ok", fn(rank, world_size, **kwargs))
+    except Exception as e:
+        result = ("error", f"{type(e).__name__}: {e}")
+    torch.save(result, out)
+
+
+def run_ranks(fn, tmp_path: Path, world_size: int = 2, timeout: float = 120, **kwargs) -> list:
+    """Run fn(rank, world_size, **kwargs) in world_size forked processes joined by a gloo process group.
+
+    Returns each rank's return value; an exception in a rank becomes the string "error: <type>: <message>".
+    """
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    port, outs = free_port(), [str(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_rank_entry, args=(fn, r, world_size, port, outs[r], kwargs)) for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"ranks {hung} did not finish within {timeout} s"
+    results = [torch.load(out, weights_only=False) for out in outs]
+    return [value if status == "ok" else f"error: {value}" for status, value in results]
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly on machines without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -97,7 +97,7 @@ def test_train_step_updates_d_then_g_without_leaking_gradients():
     # D's gradients are those of the D loss alone: the G step froze D, so it added nothing to them.
     assert all(p.requires_grad for p in D.parameters())
     assert all(p.grad is not None for p in D.parameters())
-    assert set(stats) == {"loss/D", "loss/G", "D/real", "D/fake_before", "D/fake_after"}
+    assert set(stats) == {"loss/D", "loss/G", "D/real", "D/fake_before", "D/fake_after", "grad_norm/D", "grad_norm/G"}
     assert all(v.dim() == 0 and not v.requires_grad for v in stats.values())
 
 

@@ -1,0 +1,172 @@
+"""Two gloo processes on CPU: DDP + synced batch norm compute what one process computes on the whole batch."""
+
+import pytest
+import torch
+from conftest import run_ranks
+from torch import nn
+
+from distgan import dist
+from distgan.config import load_config
+from distgan.models import build_models
+from distgan.precision import Precision
+from distgan.syncbn import SyncBatchNorm
+from distgan.train import train_step
+
+BATCH, NZ = 8, 16
+SMALL = {"model.ngf": 8, "model.ndf": 8, "model.nz": NZ, "train.batch_size": BATCH, "run.device": "cpu"}
+
+
+def step_inputs():
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(BATCH, 1, 32, 32, generator=gen) * 2 - 1, torch.randn(BATCH, NZ, generator=gen)
+
+
+def snapshot(G: nn.Module, D: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters, their gradients and buffers (batch-norm running statistics) of both nets."""
+    out = {}
+    for prefix, net in (("G", G), ("D", D)):
+        for name, p in net.named_parameters():
+            out[f"{prefix}.{name}"] = p.detach().clone()
+            out[f"{prefix}.{name}.grad"] = p.grad.detach().clone()
+        for name, b in net.named_buffers():
+            out[f"{prefix}.{name}"] = b.detach().clone()
+    return out
+
+
+def one_step(G, D, real, z, D_plain=None):
+    # SGD: its update is proportional to the gradient, so equal gradients give equal weights to within 1e-5.
+    # (Adam's first step divides each gradient by its own magnitude, amplifying float noise in near-zero ones.)
+    opt_g = torch.optim.SGD(G.parameters() if D_plain is None else G.module.parameters(), lr=0.1)
+    opt_d = torch.optim.SGD((D if D_plain is None else D_plain).parameters(), lr=0.1)
+    return train_step(G, D, opt_g, opt_d, real, z, "nonsaturating", Precision("fp32", real.device), D_plain)
+
+
+def ddp_step(rank: int, world_size: int, sync_bn: bool) -> dict:
+    cfg = load_config(None, {**SMALL, "dist.sync_bn": sync_bn})
+    accelerator = dist.setup(cfg)
+    torch.manual_seed(0)
+    G, D = dist.wrap(accelerator, cfg, *build_models(cfg.model))
+    assert isinstance(D, nn.parallel.DistributedDataParallel) and not D.broadcast_buffers
+    assert any(isinstance(m, SyncBatchNorm) for m in D.modules()) == sync_bn
+    real, z = step_inputs()
+    rows = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
+    one_step(G, D, real[rows], z[rows], dist.unwrap(accelerator, D))
+    return snapshot(G.module, D.module)
+
+
+def reference_step() -> dict:
+    torch.manual_seed(0)
+    G, D = build_models(load_config(None, SMALL).model)
+    real, z = step_inputs()
+    one_step(G, D, real, z)
+    return snapshot(G, D)
+
+
+def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole(tmp_path):
+    want = reference_step()
+    ranks = run_ranks(ddp_step, tmp_path, sync_bn=True)
+    assert not any(isinstance(r, str) for r in ranks), ranks
+    for got in ranks:
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_without_sync_bn_the_two_computations_differ(tmp_path):
+    want = reference_step()
+    (got, _) = run_ranks(ddp_step, tmp_path, sync_bn=False)
+    worst = max((got[k].float() - want[k].float()).abs().max().item() for k in want)
+    assert worst > 1e-3  # so the equivalence test above can fail
+
+
+def syncbn_ranks(rank: int, world_size: int) -> dict:
+    torch.distributed.init_process_group("gloo")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 4, 5, 5, generator=gen) * 3 + 2
+    r = torch.randn(8, 4, 5, 5, generator=gen)
+    rows = slice(rank * 4, rank * 4 + 4)
+    bn = SyncBatchNorm(4)
+    nn.init.normal_(bn.weight, 1.0, 0.3, generator=torch.Generator().manual_seed(4))
+    nn.init.normal_(bn.bias, 0.0, 0.3, generator=torch.Generator().manual_seed(5))
+    mine = x[rows].clone().requires_grad_(True)
+    y = bn(mine)
+    (y * r[rows]).sum().backward()
+    return {"y": y.detach(), "dx": mine.grad, "dw": bn.weight.grad, "db": bn.bias.grad,
+            "mean": bn.running_mean, "var": bn.running_var}  # fmt: skip
+
+
+def test_cpu_synced_batch_norm_equals_batch_norm_on_the_whole_batch(tmp_path):
+    ranks = run_ranks(syncbn_ranks, tmp_path)
+    assert not any(isinstance(r, str) for r in ranks), ranks
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 4, 5, 5, generator=gen) * 3 + 2
+    r = torch.randn(8, 4, 5, 5, generator=gen)
+    bn = nn.BatchNorm2d(4)
+    nn.init.normal_(bn.weight, 1.0, 0.3, generator=torch.Generator().manual_seed(4))
+    nn.init.normal_(bn.bias, 0.0, 0.3, generator=torch.Generator().manual_seed(5))
+    x.requires_grad_(True)
+    y = bn(x)
+    (y * r).sum().backward()
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # noqa: E731
+    close(torch.cat([k["y"] for k in ranks]), y.detach())
+    close(torch.cat([k["dx"] for k in ranks]), x.grad)
+    close(ranks[0]["dw"] + ranks[1]["dw"], bn.weight.grad)  # local sums; DDP averages them over ranks
+    close(ranks[0]["db"] + ranks[1]["db"], bn.bias.grad)
+    for k in ranks:
+        close(k["mean"], bn.running_mean)
+        close(k["var"], bn.running_var)
+
+
+def nan_on_rank_1(rank: int, world_size: int) -> dict:
+    cfg = load_config(None, SMALL)
+    accelerator = dist.setup(cfg)
+    torch.manual_seed(0)
+    G, D = dist.wrap(accelerator, cfg, *build_models(cfg.model))
+    real, z = step_inputs()
+    real = real[rank * 4 : rank * 4 + 4]
+    if rank == 1:
+        real[0, 0, 0, 0] = float("nan")
+    before = {k: v.clone() for k, v in D.module.state_dict().items()}
+    stats = one_step(G, D, real, z[rank * 4 : rank * 4 + 4], dist.unwrap(accelerator, D))
+    d_unchanged = all(torch.equal(before[k], v) for k, v in D.module.named_parameters())
+    return {"grad_norm/D": stats["grad_norm/D"].item(), "D unchanged": d_unchanged}
+
+
+def test_a_nan_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    ranks = run_ranks(nan_on_rank_1, tmp_path)
+    assert not any(isinstance(r, str) for r in ranks), ranks
+    for r in ranks:
+        assert r["D unchanged"] and not torch.isfinite(torch.tensor(r["grad_norm/D"]))
+
+
+def diverged_replicas(rank: int, world_size: int) -> str:
+    cfg = load_config(None, SMALL)
+    accelerator = dist.setup(cfg)
+    G, D = dist.wrap(accelerator, cfg, *build_models(cfg.model))
+    dist.check_replicas(accelerator, {"G": G, "D": D})  # identical after wrapping (DDP broadcast rank 0's)
+    if rank == 1:
+        with torch.no_grad():
+            D.module.net[2].weight[0, 0, 0, 0] += 1e-6
+    dist.check_replicas(accelerator, {"G": G, "D": D})
+    return "no error"
+
+
+def test_replica_check_names_the_first_differing_tensor(tmp_path):
+    ranks = run_ranks(diverged_replicas, tmp_path)
+    for r in ranks:
+        assert r == "error: ReplicaMismatch: rank 1 holds a different D.module.net.2.weight than rank 0; " + (
+            "the replicas have diverged"
+        )
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_precision_runs(tmp_path):
+    from conftest import tiny_config
+
+    from distgan import checkpoint
+    from distgan.train import train
+
+    for precision in ("bf16", "fp16"):
+        train(tiny_config(tmp_path / precision, **{"train.precision": precision}))
+        state = checkpoint.load(checkpoint.list_checkpoints(tmp_path / precision)[-1])
+        assert (state["scalers"] != {}) == (precision == "fp16")
