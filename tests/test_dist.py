@@ -170,3 +170,13 @@ def test_gpu_mixed_precision_runs(tmp_path):
         train(tiny_config(tmp_path / precision, **{"train.precision": precision}))
         state = checkpoint.load(checkpoint.list_checkpoints(tmp_path / precision)[-1])
         assert (state["scalers"] != {}) == (precision == "fp16")
+
+
+def setup_with_batch(rank: int, world_size: int, batch_size: int) -> str:
+    dist.setup(load_config(None, {**SMALL, "train.batch_size": batch_size}))
+    return "ok"
+
+
+def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
+    ranks = run_ranks(setup_with_batch, tmp_path, batch_size=15)
+    assert ranks == ["error: ConfigError: train.batch_size 15 is not divisible by the 2 processes"] * 2
