@@ -1,15 +1,29 @@
-"""Checkpoints: written by rank 0 only, atomically (temporary file, fsync, rename), loaded with weights_only."""
+"""Checkpoints: written by rank 0 only, atomically (temporary file, fsync, rename), loaded with weights_only.
+
+What a checkpoint holds is assembled in train.py (`save_checkpoint`); this module decides how it reaches the
+disk, which files are kept, what "the newest valid checkpoint" is, and whether a config may resume from it.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from distgan.config import Config, ConfigError
+
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
+# Keys that define tensor shapes: a checkpoint cannot be resumed under other values.
+SHAPE_KEYS = ("arch", "image_size", "channels", "nz", "ngf", "ndf", "mlp_hidden")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, no permission); the earlier ones are untouched."""
 
 
 def path_for(run_dir: str | Path, step: int) -> Path:
@@ -17,24 +31,52 @@ def path_for(run_dir: str | Path, step: int) -> Path:
 
 
 def save(path: Path, state: dict, is_main: bool) -> None:
-    """Write `state` to `path` on the main process; a crash mid-write never leaves a partial file at `path`."""
+    """Write `state` to `path` on the main process; a crash mid-write never leaves a partial file at `path`.
+
+    Raises CheckpointError when the file cannot be written; the temporary file is removed and `path`, if it
+    existed, keeps its old content.
+    """
     if not is_main:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {e.strerror or e}; the earlier checkpoints are intact"
+        ) from e
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+
+
+def remove_partial(run_dir: str | Path, is_main: bool = True) -> None:
+    """Delete temporary files that a killed writer left in checkpoints/ (never a finished checkpoint)."""
+    folder = Path(run_dir) / "checkpoints"
+    if is_main and folder.is_dir():
+        for stale in folder.glob(".step_*.pt.tmp-*"):
+            stale.unlink(missing_ok=True)
+
+
+def purge(run_dir: str | Path, keep: int, keep_every: int, is_main: bool = True) -> list[Path]:
+    """Delete all but the newest `keep` checkpoints and those whose step is a multiple of keep_every."""
+    files = list_checkpoints(run_dir) if is_main else []
+    removed = []
+    for path in files[: max(0, len(files) - keep)]:
+        step = int(_NAME.match(path.name).group(1))
+        if not (keep_every and step % keep_every == 0):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def load(path: str | Path) -> dict:
@@ -48,6 +90,39 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
+
+
+def check_compatible(stored: dict, cfg: Config, path: str | Path) -> None:
+    """ConfigError naming the first shape-defining model key that differs from the checkpoint's config."""
+    for key in SHAPE_KEYS:
+        then, now = stored["model"][key], getattr(cfg.model, key)
+        if then != now:
+            raise ConfigError(
+                f"model.{key} is {now!r} but {path} was trained with {then!r}; shape-defining keys cannot change "
+                f"on resume (set it back, or start a new run.dir)"
+            )
+
+
+def rng_state() -> dict:
+    """This process's RNG states (Python, NumPy, torch, CUDA) in types that weights_only loading accepts."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # ("MT19937", uint32 keys, ...)
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_latest(run_dir: str | Path) -> tuple[Path, dict] | None:

@@ -102,6 +102,9 @@ class DistConfig:
 @dataclass
 class CheckpointConfig:
     every: int = opt(1000, "Write a checkpoint every this many steps (0: only at the end).", minimum=0)
+    keep: int = opt(3, "Keep this many of the newest checkpoints (older ones are deleted).", minimum=1)
+    keep_every: int = opt(0, "Also keep every checkpoint whose step is a multiple of this (0: none).", minimum=0)
+    resume: str = opt("", "A checkpoint file to start from when run.dir holds none of its own.")
 
 
 @dataclass

@@ -9,6 +9,8 @@ check that the replicas still hold the same weights.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import warnings
 
 import torch
@@ -89,6 +91,15 @@ def reduce_sum(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(values, "sum")
 
 
+def gather_objects(accelerator: Accelerator, obj) -> list:
+    """Every rank's `obj`, in rank order, on every rank (every rank must call it)."""
+    if accelerator.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
 def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module], buffers: bool = True) -> None:
     """Raise ReplicaMismatch on every rank, naming the first differing tensor, if the ranks' tensors differ.
 
@@ -112,3 +123,31 @@ def check_replicas(accelerator: Accelerator, modules: dict[str, nn.Module], buff
         if differs.any():
             first = names[int(differs.nonzero()[0])]
             raise ReplicaMismatch(f"rank {rank} holds a different {first} than rank 0; the replicas have diverged")
+
+
+class StopSignals:
+    """SIGTERM, SIGINT and SIGUSR1 ask for a stop at the next step boundary; a second SIGINT interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt  # the second Ctrl-C; checkpoint.save cleans up its temporary file
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank if it is True on any (every rank must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(reduce_sum(accelerator, torch.tensor([float(flag)], device=accelerator.device)).item() > 0)

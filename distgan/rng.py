@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 # Purposes; never renumber (it would change every run).
-DATA_ORDER, NOISE, FIXED_NOISE, SYNTHETIC, PREPARE_ORDER, SHUFFLE_BUFFER, FLIP = 1, 2, 3, 4, 5, 6, 7
+DATA_ORDER, NOISE, FIXED_NOISE, SYNTHETIC, PREPARE_ORDER, SHUFFLE_BUFFER, FLIP, RESEED = 1, 2, 3, 4, 5, 6, 7, 8
 
 
 def derive_seed(*keys: int) -> int:

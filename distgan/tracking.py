@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -11,12 +12,21 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 
+def write_config(run_dir: Path, text: str, is_main: bool) -> None:
+    """Create the run directory and write the resolved config.yaml (main process only)."""
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(text)
+
+
 class Tracker:
     """Rank-0 writer of a run's progress bar, metrics rows and sample grids; a no-op on other ranks."""
 
     def __init__(self, run_dir: str | Path, is_main: bool, total_steps: int, start_step: int, progress: bool = True):
         self.run_dir, self.is_main = Path(run_dir), is_main
         self.start_time = time.time()
+        if is_main:
+            self._drop_rows_after(start_step)
         self._metrics = open(self.run_dir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115 (open for the run)
         self._bar = tqdm(
             total=total_steps,
@@ -26,6 +36,18 @@ class Tracker:
             dynamic_ncols=True,
             mininterval=1.0,
         )
+
+    def _drop_rows_after(self, step: int) -> None:
+        """A run resumed from step k repeats the steps after k: drop their rows, written before the restart."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]  # a line cut short by a crash goes too
+        if len(kept) != len(lines):
+            tmp = path.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
 
     def advance(self, steps: int = 1) -> None:
         self._bar.update(steps)
@@ -58,3 +80,10 @@ class Tracker:
         self._bar.close()
         if self._metrics is not None:
             self._metrics.close()
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -18,7 +18,7 @@ from distgan.data import build_source, flips, hflip, to_model_input
 from distgan.losses import d_loss, g_loss
 from distgan.models import build_models
 from distgan.precision import Precision
-from distgan.tracking import Tracker
+from distgan.tracking import Tracker, write_config
 
 NUM_FIXED_SAMPLES = 64  # an 8x8 grid
 
@@ -85,24 +85,42 @@ def check_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"run.dir {run_dir} exists and is not a directory")
 
 
+class Stopped(SystemExit):
+    """A signal asked the run to stop: a checkpoint was written; the same command resumes (exit code 75)."""
+
+    EXIT_CODE = 75  # EX_TEMPFAIL: try again later
+
+
+def find_resume(cfg: Config, run_dir: Path) -> tuple[Path, dict] | None:
+    """The run dir's newest valid checkpoint, else checkpoint.resume, else None; checked against the config."""
+    found = checkpoint.load_latest(run_dir)
+    if found is None and cfg.checkpoint.resume:
+        try:
+            found = Path(cfg.checkpoint.resume), checkpoint.load(cfg.checkpoint.resume)
+        except Exception as e:
+            raise ConfigError(f"checkpoint.resume {cfg.checkpoint.resume}: {str(e).splitlines()[0]}") from None
+    if found is not None:
+        checkpoint.check_compatible(found[1]["config"], cfg, found[0])
+    return found
+
+
 def train(cfg: Config) -> None:
     """Run (or resume) the training described by a validated config."""
     run_dir = Path(cfg.run.dir)
     check_run_dir(run_dir)
     accelerator = dist.setup(cfg)
-    is_main = dist.is_main(accelerator)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    is_main, rank, world = dist.is_main(accelerator), accelerator.process_index, accelerator.num_processes
+    resumed = find_resume(cfg, run_dir)
+    write_config(run_dir, to_yaml(cfg), is_main)
+    checkpoint.remove_partial(run_dir, is_main)
 
     torch.manual_seed(cfg.run.seed)
     G, D = build_models(cfg.model)
     device = accelerator.device
     precision = Precision(dist.resolve_precision(cfg, accelerator), device)
-    data = build_source(cfg, accelerator.process_index, accelerator.num_processes, pin_memory=device.type == "cuda")
+    data = build_source(cfg, rank, world, pin_memory=device.type == "cuda")
 
     start_step, skipped_before, bad_steps = 0, 0, 0
-    resumed = checkpoint.load_latest(run_dir)
     if resumed is not None:
         state = resumed[1]
         G.load_state_dict(state["G"])
@@ -115,14 +133,17 @@ def train(cfg: Config) -> None:
     if resumed is not None:
         opt_g.load_state_dict(state["opt_g"])  # moves the Adam moments to the parameters' device
         opt_d.load_state_dict(state["opt_d"])
-        precision.load_state_dict(state.get("scalers", {}))
-        data.load_state_dict(state["data"])
-        start_step, skipped_before = state["step"], state.get("data_skipped", 0)
-        bad_steps = state.get("bad_steps", 0)
+        precision.load_state_dict(state["scalers"])
+        start_step, skipped_before, bad_steps = state["step"], state["data_skipped"], state["bad_steps"]
+        if len(state["ranks"]) == world:  # the same layout: each rank continues exactly where it was
+            data.load_state_dict(state["ranks"][rank]["data"])
+            checkpoint.set_rng_state(state["ranks"][rank]["rng"])
+        else:  # elastic: the data streams re-plan themselves; fresh per-rank RNG streams (not bitwise)
+            data.load_state_dict(state["ranks"][0]["data"])
+            torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.RESEED, start_step, rank))
 
     fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_SAMPLES, cfg.model.nz).to(device)
     tracker = Tracker(run_dir, is_main, cfg.train.steps, start_step, cfg.log.progress)
-    world = accelerator.num_processes
     synced = ", synced batch norm" if world > 1 and cfg.dist.sync_bn else ""
     tracker.print(
         f"{world} process(es) on {device.type}, {precision.name}, batch {cfg.train.batch_size} "
@@ -131,7 +152,8 @@ def train(cfg: Config) -> None:
     for note in data.notes:
         tracker.print(f"data: {note}")
     if resumed is not None:
-        tracker.print(f"resumed from {resumed[0]} at step {start_step}")
+        layout = "" if len(state["ranks"]) == world else f" (written by {len(state['ranks'])} processes)"
+        tracker.print(f"resumed from {resumed[0]} at step {start_step}{layout}")
     if start_step >= cfg.train.steps:
         tracker.print(f"run in {run_dir} is already complete ({start_step} steps); raise train.steps to go on")
         tracker.close()
@@ -142,66 +164,98 @@ def train(cfg: Config) -> None:
         return skipped_before + int(dist.reduce_sum(accelerator, torch.tensor(data.skipped, device=device)))
 
     def save_checkpoint(step: int) -> None:
+        """Every rank calls this: the ranks' RNG and data states are gathered, rank 0 writes."""
+        ranks = dist.gather_objects(accelerator, {"rng": checkpoint.rng_state(), "data": data.state_dict()})
         state = {
             "step": step,
             "images_seen": step * cfg.train.batch_size,
             "G": dist.unwrap(accelerator, G).state_dict(),
-            "D": dist.unwrap(accelerator, D).state_dict(),
+            "D": D_plain.state_dict(),
             "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(),
             "scalers": precision.state_dict(),
             "bad_steps": bad_steps,
-            "data": data.state_dict(),
             "data_skipped": data_skipped(),
+            "ranks": ranks,
             "config": to_dict(cfg),
-            "versions": {"torch": str(torch.__version__)},
+            "versions": versions(),
         }
         dist.check_replicas(accelerator, {"G": G, "D": D}, buffers=cfg.dist.sync_bn)
-        checkpoint.save(checkpoint.path_for(run_dir, step), state, is_main)
+        error = ""
+        try:
+            checkpoint.save(checkpoint.path_for(run_dir, step), state, is_main)
+            checkpoint.purge(run_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every, is_main)
+        except checkpoint.CheckpointError as e:
+            error = str(e)
+        if dist.any_rank(accelerator, bool(error)):  # every rank stops, not only the writer
+            raise checkpoint.CheckpointError(error or f"rank 0 could not write the step {step} checkpoint")
 
-    sums: dict[str, torch.Tensor] = {}
-    window_start, window_steps, bad_in_a_row = time.perf_counter(), 0, 0
-    for step in range(start_step + 1, cfg.train.steps + 1):
-        real = to_model_input(next(data), device)
-        if cfg.data.hflip:
-            real = hflip(real, flips(cfg.run.seed, step, cfg.train.batch_size)[data.rank_slice].to(device))
-        z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[data.rank_slice].to(device)
-        stats = train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss, precision, D_plain)
-        # A NaN/Inf gradient skipped an update; the norms are the same on every rank (see precision.py).
-        if not bool(torch.isfinite(stats["grad_norm/D"]) & torch.isfinite(stats["grad_norm/G"])):
-            bad_steps, bad_in_a_row = bad_steps + 1, bad_in_a_row + 1
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                raise FloatingPointError(
-                    f"step {step}: NaN/Inf gradients in {bad_in_a_row} steps in a row (train.max_bad_steps); "
-                    f"try a lower learning rate, or bf16/fp32 instead of fp16"
-                )
-        else:
-            bad_in_a_row = 0
-        for k, v in stats.items():
-            sums[k] = sums[k] + v if k in sums else v
-        window_steps += 1
-        tracker.advance()
+    signals = dist.StopSignals()
+    try:
+        sums: dict[str, torch.Tensor] = {}
+        window_start, window_steps, bad_in_a_row = time.perf_counter(), 0, 0
+        for step in range(start_step + 1, cfg.train.steps + 1):
+            real = to_model_input(next(data), device)
+            if cfg.data.hflip:
+                real = hflip(real, flips(cfg.run.seed, step, cfg.train.batch_size)[data.rank_slice].to(device))
+            z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[data.rank_slice].to(device)
+            stats = train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss, precision, D_plain)
+            # A NaN/Inf gradient skipped an update; the norms are the same on every rank (see precision.py).
+            if not bool(torch.isfinite(stats["grad_norm/D"]) & torch.isfinite(stats["grad_norm/G"])):
+                bad_steps, bad_in_a_row = bad_steps + 1, bad_in_a_row + 1
+                if bad_in_a_row >= cfg.train.max_bad_steps:
+                    raise FloatingPointError(
+                        f"step {step}: NaN/Inf gradients in {bad_in_a_row} steps in a row (train.max_bad_steps); "
+                        f"try a lower learning rate, or bf16/fp32 instead of fp16"
+                    )
+            else:
+                bad_in_a_row = 0
+            for k, v in stats.items():
+                sums[k] = sums[k] + v if k in sums else v
+            window_steps += 1
+            tracker.advance()
 
-        if step % cfg.log.every == 0 or step == cfg.train.steps:
-            # Means over the window and over ranks: one collective and one host sync per log step.
-            window_means = dist.reduce_mean(accelerator, torch.stack(list(sums.values())) / window_steps)
-            means = dict(zip(sums, window_means.tolist()))
-            elapsed = time.perf_counter() - window_start
-            means["images_per_s"] = window_steps * cfg.train.batch_size / elapsed
-            means["images_seen"] = step * cfg.train.batch_size
-            means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
-            means["data/skipped"] = data_skipped()
-            means["train/skipped_steps"] = bad_steps
-            tracker.log(step, means)
-            sums, window_start, window_steps = {}, time.perf_counter(), 0
-        if step % cfg.log.images_every == 0 or step == cfg.train.steps:
-            tracker.images(step, generate(dist.unwrap(accelerator, G), fixed_z))
-        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps:
-            save_checkpoint(step)
+            if step % cfg.log.every == 0 or step == cfg.train.steps:
+                # Means over the window and over ranks: one collective and one host sync per log step.
+                window_means = dist.reduce_mean(accelerator, torch.stack(list(sums.values())) / window_steps)
+                means = dict(zip(sums, window_means.tolist()))
+                elapsed = time.perf_counter() - window_start
+                means["images_per_s"] = window_steps * cfg.train.batch_size / elapsed
+                means["images_seen"] = step * cfg.train.batch_size
+                means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
+                means["data/skipped"] = data_skipped()
+                means["train/skipped_steps"] = bad_steps
+                tracker.log(step, means)
+                sums, window_start, window_steps = {}, time.perf_counter(), 0
+            if step % cfg.log.images_every == 0 or step == cfg.train.steps:
+                tracker.images(step, generate(dist.unwrap(accelerator, G), fixed_z))
+            saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps
+            if saved:
+                save_checkpoint(step)
+            if dist.any_rank(accelerator, signals.received is not None) and step < cfg.train.steps:
+                if not saved:
+                    save_checkpoint(step)
+                tracker.print(f"stopped by a signal at step {step}; checkpoint written; the same command resumes")
+                tracker.close()
+                raise Stopped(Stopped.EXIT_CODE)
 
+    finally:
+        signals.restore()
     tracker.close()
     tracker.print(f"done: {cfg.train.steps} steps; samples in {run_dir / 'samples'}")
     accelerator.end_training()
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shape a run's numbers."""
+    import accelerate
+    import torchvision
+
+    return {
+        "torch": str(torch.__version__),
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+    }
 
 
 def main(config: str | None = None, print_config: bool = False, **overrides) -> None:

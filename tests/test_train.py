@@ -39,7 +39,8 @@ def test_short_digits_run_writes_everything(tmp_path):
     assert [p.name for p in checkpoint.list_checkpoints(run)] == ["step_00000004.pt", "step_00000006.pt"]
     state = final_state(run)  # weights_only load
     assert state["step"] == 6 and state["images_seen"] == 96
-    assert {"G", "D", "opt_g", "opt_d", "data", "config"} <= state.keys()
+    assert {"G", "D", "opt_g", "opt_d", "ranks", "scalers", "config", "versions"} <= state.keys()
+    assert state["ranks"][0]["data"] == {"position": 6 * 16} and "torch" in state["ranks"][0]["rng"]
     assert state["opt_g"]["state"] and state["opt_d"]["state"]  # Adam moments are saved
     assert (run / "config.yaml").read_text().startswith("run:")
 

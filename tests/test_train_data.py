@@ -32,7 +32,8 @@ def test_training_on_shards_resumes_exactly(tmp_path):
     train(shard_config(tmp_path / "split", tmp_path / "shards", **{"train.steps": 8}))
     assert_same_weights(final_state(tmp_path / "straight"), final_state(tmp_path / "split"))
     state = final_state(tmp_path / "straight")
-    assert (state["data"]["epoch"], state["data"]["index"], state["data"]["batches"]) == (1, 2, 8)  # 6 per epoch
+    data = state["ranks"][0]["data"]
+    assert (data["epoch"], data["index"], data["batches"]) == (1, 2, 8)  # 6 batches per epoch
     assert state["data_skipped"] == 0
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 8 and rows[-1]["data/skipped"] == 0
