@@ -6,6 +6,7 @@ disk, which files are kept, what "the newest valid checkpoint" is, and whether a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -56,7 +57,8 @@ def save(path: Path, state: dict, is_main: bool) -> None:
             f"could not write checkpoint {path}: {e.strerror or e}; the earlier checkpoints are intact"
         ) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove, or a folder that never was one
+            tmp.unlink()
 
 
 def remove_partial(run_dir: str | Path, is_main: bool = True) -> None:

@@ -235,6 +235,16 @@ def test_a_full_disk_fails_clearly_and_keeps_the_earlier_checkpoints(tmp_path):
         subprocess.run(["umount", str(disk)])
 
 
+def test_an_unwritable_checkpoint_folder_fails_clearly_and_keeps_the_earlier_checkpoints(tmp_path):
+    train(tiny_config(tmp_path / "run", **{"train.steps": 4, "checkpoint.every": 2}))
+    folder = tmp_path / "run" / "checkpoints"
+    folder.rename(tmp_path / "saved")
+    folder.write_text("a file where the checkpoint folder should be")  # any OSError on write takes this path
+    with pytest.raises(checkpoint.CheckpointError, match="could not write checkpoint .*step_00000002.pt: File exists"):
+        train(tiny_config(tmp_path / "run", **{"train.steps": 6, "checkpoint.every": 2}))  # finds none, starts over
+    assert [checkpoint.load(p)["step"] for p in sorted((tmp_path / "saved").iterdir())] == [2, 4]
+
+
 @pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
 def test_elastic_resume_on_another_process_count(tmp_path, before, after):
     first = run(command(before, tmp_path / "run", "--train.steps=10", "--checkpoint.every=10"), tmp_path)
