@@ -179,7 +179,10 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict:
-    """Write the shards and manifest described in the module docstring; returns the manifest."""
+    """Write the shards and manifest described in the module docstring; returns the manifest.
+
+    With progress (the command line's default), a progress bar while encoding and a summary at the end.
+    """
     from tqdm import tqdm
 
     if format not in ENCODINGS:
@@ -266,6 +269,8 @@ def prepare(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     _replace_dir(staging, out_dir)
+    if progress:
+        print_summary(manifest, out)
     return manifest
 
 
@@ -282,24 +287,10 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def main(
-    src: str,
-    out: str,
-    size: int = 64,
-    format: str = "jpg",
-    quality: int = 95,
-    shard_size: int = 10_000,
-    val_fraction: float = 0.0,
-    channels: int = 3,
-    seed: int = 0,
-    workers: int | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> None:
-    """Prepare shards from --src into --out and print a summary."""
-    m = prepare(src, out, size, format, quality, shard_size, val_fraction, channels, seed, workers, overwrite, progress)
+def print_summary(manifest: dict, out: str | Path) -> None:
+    m = manifest
     written = ", ".join(f"{m['num_samples'][s]} {s} samples in {len(m['splits'][s])} shards" for s in m["splits"])
-    print(f"wrote {written} ({size}x{size} {format}) to {out}")
+    print(f"wrote {written} ({m['image_size']}x{m['image_size']} {m['encoding']}) to {out}")
     if m["skipped"]:
         print(f"skipped {m['num_skipped']} of {m['num_files']} files (all listed in {Path(out) / MANIFEST}):")
         for entry in m["skipped"][:10]:
@@ -309,4 +300,4 @@ def main(
 
 
 if __name__ == "__main__":
-    run_command(main, "distgan.data.prepare", sys.argv[1:], usage=__doc__)
+    run_command(prepare, "distgan.data.prepare", sys.argv[1:], usage=__doc__)
