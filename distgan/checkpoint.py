@@ -127,11 +127,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_latest(run_dir: str | Path) -> tuple[Path, dict] | None:
-    """The newest checkpoint that loads; unreadable newer ones are reported and skipped."""
+def load_latest(run_dir: str | Path, quarantine: bool = False) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; unreadable newer ones are reported and skipped.
+
+    With quarantine (the main process of a run that resumes), a skipped file is renamed to *.unreadable: kept
+    for inspection, but out of the way of purge, which would otherwise count it among the newest to keep.
+    """
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return path, load(path)
         except Exception as e:  # a truncated or corrupt file: fall back to the one before
             print(f"distgan: warning: skipping unreadable checkpoint {path}: {e}", file=sys.stderr)
+            if quarantine:
+                with contextlib.suppress(OSError):
+                    path.rename(path.with_name(path.name + ".unreadable"))
     return None

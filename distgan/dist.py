@@ -151,3 +151,21 @@ def any_rank(accelerator: Accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return bool(reduce_sum(accelerator, torch.tensor([float(flag)], device=accelerator.device)).item() > 0)
+
+
+def on_every_rank(accelerator: Accelerator, action, *args):
+    """Run a rank-0 write (action gates itself) so that a failure stops every rank, not only the writer.
+
+    Without this, rank 0 would raise (a full disk, say) while the others wait in their next collective until it
+    times out. Every rank must call it, at the same point.
+    """
+    error = None
+    try:
+        result = action(*args)
+    except Exception as e:
+        error, result = e, None
+    if any_rank(accelerator, error is not None):
+        if error is not None:
+            raise error
+        raise RuntimeError("another rank failed to write the run's files; its error is in its log")
+    return result

@@ -41,7 +41,9 @@ class Precision:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
         grads = [p.grad for p in params if p.grad is not None]
-        norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if not grads:  # nothing to update (and a scaler would find no inf checks to step on)
+            return torch.zeros((), device=self.device)
+        norm = torch.nn.utils.get_total_norm(grads)
         if scaler is not None:
             scaler.step(optimizer)  # skipped by the scaler itself when unscale_ found an Inf/NaN
             scaler.update()

@@ -91,9 +91,9 @@ class Stopped(SystemExit):
     EXIT_CODE = 75  # EX_TEMPFAIL: try again later
 
 
-def find_resume(cfg: Config, run_dir: Path) -> tuple[Path, dict] | None:
+def find_resume(cfg: Config, run_dir: Path, is_main: bool) -> tuple[Path, dict] | None:
     """The run dir's newest valid checkpoint, else checkpoint.resume, else None; checked against the config."""
-    found = checkpoint.load_latest(run_dir)
+    found = checkpoint.load_latest(run_dir, quarantine=is_main)
     if found is None and cfg.checkpoint.resume:
         try:
             found = Path(cfg.checkpoint.resume), checkpoint.load(cfg.checkpoint.resume)
@@ -110,7 +110,7 @@ def train(cfg: Config) -> None:
     check_run_dir(run_dir)
     accelerator = dist.setup(cfg)
     is_main, rank, world = dist.is_main(accelerator), accelerator.process_index, accelerator.num_processes
-    resumed = find_resume(cfg, run_dir)
+    resumed = find_resume(cfg, run_dir, is_main)
     write_config(run_dir, to_yaml(cfg), is_main)
     checkpoint.remove_partial(run_dir, is_main)
 
@@ -181,14 +181,12 @@ def train(cfg: Config) -> None:
             "versions": versions(),
         }
         dist.check_replicas(accelerator, {"G": G, "D": D}, buffers=cfg.dist.sync_bn)
-        error = ""
-        try:
+
+        def write() -> None:
             checkpoint.save(checkpoint.path_for(run_dir, step), state, is_main)
             checkpoint.purge(run_dir, cfg.checkpoint.keep, cfg.checkpoint.keep_every, is_main)
-        except checkpoint.CheckpointError as e:
-            error = str(e)
-        if dist.any_rank(accelerator, bool(error)):  # every rank stops, not only the writer
-            raise checkpoint.CheckpointError(error or f"rank 0 could not write the step {step} checkpoint")
+
+        dist.on_every_rank(accelerator, write)
 
     signals = dist.StopSignals()
     try:
@@ -225,10 +223,10 @@ def train(cfg: Config) -> None:
                 means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
                 means["data/skipped"] = data_skipped()
                 means["train/skipped_steps"] = bad_steps
-                tracker.log(step, means)
+                dist.on_every_rank(accelerator, tracker.log, step, means)
                 sums, window_start, window_steps = {}, time.perf_counter(), 0
             if step % cfg.log.images_every == 0 or step == cfg.train.steps:
-                tracker.images(step, generate(dist.unwrap(accelerator, G), fixed_z))
+                dist.on_every_rank(accelerator, tracker.images, step, generate(dist.unwrap(accelerator, G), fixed_z))
             saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps
             if saved:
                 save_checkpoint(step)

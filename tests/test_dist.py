@@ -180,3 +180,21 @@ def setup_with_batch(rank: int, world_size: int, batch_size: int) -> str:
 def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
     ranks = run_ranks(setup_with_batch, tmp_path, batch_size=15)
     assert ranks == ["error: ConfigError: train.batch_size 15 is not divisible by the 2 processes"] * 2
+
+
+def rank_0_write_fails(rank: int, world_size: int) -> str:
+    accelerator = dist.setup(load_config(None, SMALL))
+
+    def write() -> None:
+        if rank == 0:
+            raise OSError(28, "No space left on device")
+
+    dist.on_every_rank(accelerator, write)
+    return "went on"
+
+
+def test_a_write_failing_on_rank_0_stops_every_rank(tmp_path):
+    assert run_ranks(rank_0_write_fails, tmp_path, timeout=60) == [
+        "error: OSError: [Errno 28] No space left on device",
+        "error: RuntimeError: another rank failed to write the run's files; its error is in its log",
+    ]

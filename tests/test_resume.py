@@ -176,12 +176,16 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
 def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path, capsys):
     train(tiny_config(tmp_path, **{"checkpoint.every": 2}))  # checkpoints at 2, 4, 6
     newest = checkpoint.list_checkpoints(tmp_path)[-1]
-    newest.write_bytes(newest.read_bytes()[:1000])
+    corrupt = newest.read_bytes()[:1000]
+    newest.write_bytes(corrupt)
     train(tiny_config(tmp_path, **{"checkpoint.every": 2, "train.steps": 8}))
     out = capsys.readouterr()
     assert "skipping unreadable checkpoint" in out.err and "step_00000006.pt" in out.err
     assert "resumed from" in out.out and "step_00000004.pt at step 4" in out.out
     assert final_state(tmp_path)["step"] == 8
+    # The unreadable file was set aside (not deleted), so keeping the newest 3 keeps 3 good ones.
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == [f"step_0000000{i}.pt" for i in (4, 6, 8)]
+    assert (tmp_path / "checkpoints" / "step_00000006.pt.unreadable").read_bytes() == corrupt
 
 
 def test_a_checkpoint_holding_code_is_refused(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
@@ -24,12 +25,14 @@ def shard_config(run_dir, shards, **overrides):
     return tiny_config(run_dir, **source, **overrides)
 
 
-def test_training_on_shards_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])  # the MLP's dropout draws from the global torch RNG
+def test_training_on_shards_resumes_exactly(tmp_path, arch):
     write_synthetic_pngs(tmp_path / "src", 96)
     prepare(str(tmp_path / "src"), str(tmp_path / "shards"), size=32, shard_size=24, progress=False)
-    train(shard_config(tmp_path / "straight", tmp_path / "shards", **{"train.steps": 8}))
-    train(shard_config(tmp_path / "split", tmp_path / "shards", **{"train.steps": 5}))  # stops mid-epoch (6/epoch)
-    train(shard_config(tmp_path / "split", tmp_path / "shards", **{"train.steps": 8}))
+    model = {"model.arch": arch, "model.mlp_hidden": [32, 64]}
+    train(shard_config(tmp_path / "straight", tmp_path / "shards", **{"train.steps": 8, **model}))
+    train(shard_config(tmp_path / "split", tmp_path / "shards", **{"train.steps": 5, **model}))  # mid-epoch stop
+    train(shard_config(tmp_path / "split", tmp_path / "shards", **{"train.steps": 8, **model}))
     assert_same_weights(final_state(tmp_path / "straight"), final_state(tmp_path / "split"))
     state = final_state(tmp_path / "straight")
     data = state["ranks"][0]["data"]

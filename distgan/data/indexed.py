@@ -105,6 +105,7 @@ class IndexedBatches:
                     sampler=self.order.rank_batches(self.position, self.rank_slice),
                     num_workers=self.workers,
                     prefetch_factor=4,
+                    generator=torch.Generator(),  # its own: making the iterator must not draw from the global RNG
                 )
                 self._loader = iter(loader)
             images, skipped = next(self._loader)

@@ -462,6 +462,7 @@ class ShardBatches:
                 pin_memory=self.pin_memory,
                 prefetch_factor=4 if self.loader_workers else None,
                 persistent_workers=False,
+                generator=torch.Generator(),  # its own: making the iterator must not draw from the global RNG
             )
             self._iterator = iter(loader)
         try:
