@@ -160,7 +160,7 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     writer = subprocess.Popen(
         [sys.executable, "-c",
          "import torch, sys; from distgan import checkpoint; "
-         f"checkpoint.save(checkpoint.path_for({str(tmp_path)!r}, 2), {{'big': torch.zeros(400_000_000)}}, True)"],
+         f"checkpoint.save(checkpoint.path_for({str(tmp_path)!r}, 2), {{'big': torch.zeros(100_000_000)}}, True)"],
         env=environment(),
     )  # fmt: skip
     wait_for(lambda: list((tmp_path / "checkpoints").glob(".step_00000002.pt.tmp-*")))
