@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from distgan import rng
+from distgan.config import ConfigError
 
 
 class ImageSet(Protocol):
@@ -22,7 +23,7 @@ class ImageSet(Protocol):
 def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
     """This rank's rows of a global batch."""
     if batch_size % world_size:
-        raise ValueError(f"train.batch_size {batch_size} is not divisible by the world size {world_size}")
+        raise ConfigError(f"train.batch_size {batch_size} is not divisible by the world size {world_size}")
     per_rank = batch_size // world_size
     return slice(rank * per_rank, (rank + 1) * per_rank)
 

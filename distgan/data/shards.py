@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from distgan import rng
 from distgan.config import ConfigError
+from distgan.data.indexed import rank_slice
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 MAX_WARNINGS_PER_WORKER = 20
@@ -394,8 +395,8 @@ class ShardBatches:
         pin_memory: bool = False,
     ):
         shards, world = shard_set.shards, world_size
-        if batch_size % world:
-            raise DataError(f"train.batch_size {batch_size} is not divisible by the world size {world}")
+        self.rank_slice = rank_slice(batch_size, rank, world)  # this rank's rows of each global batch
+        per_rank = self.rank_slice.stop - self.rank_slice.start
         if shard_set.image_size is not None and shard_set.image_size != image_size:
             raise DataError(
                 f"{shard_set.origin} holds {shard_set.image_size}x{shard_set.image_size} images but "
@@ -412,7 +413,6 @@ class ShardBatches:
                 f"{len(shards)} shards for {world} ranks: every rank needs at least one shard; prepare the data "
                 f"again with --shard_size {max(1, shard_set.num_samples // (world * 4))} (4 shards per rank)"
             )
-        per_rank = batch_size // world
         self.notes: list[str] = []  # for the run's console
         self.loader_workers = workers  # DataLoader processes; 0 reads in this process
         self.workers = max(1, workers)  # slots per rank
@@ -434,7 +434,6 @@ class ShardBatches:
         # The epoch plan depends on these; a resume under another layout starts a fresh epoch (load_state_dict).
         self.layout = {"world_size": world, "workers": self.workers, "shards": len(shards), "batch_per_rank": per_rank}
         self.pin_memory = pin_memory
-        self.rank_slice = slice(rank * per_rank, (rank + 1) * per_rank)
         self.epoch, self.index, self.batches = 0, 0, 0  # position: batch `index` of `epoch`; batches taken in all
         self.skipped = 0  # samples this rank skipped since this object was built (not saved: ranks differ)
         self._iterator = None
