@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 DATA_SOURCES = ("digits", "synthetic", "shards", "folder")
+WANDB_MODES = ("online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -111,7 +113,20 @@ class CheckpointConfig:
 class LogConfig:
     every: int = opt(50, "Write a metrics row every this many steps.", minimum=1)
     images_every: int = opt(500, "Write a sample grid of the fixed noise batch every this many steps.", minimum=1)
-    progress: bool = opt(True, "Show a console progress bar.")
+    progress: bool = opt(True, "Show progress: a bar on a terminal, else a line per metrics row (Slurm logs).")
+    wandb: str = opt(
+        "offline",
+        "W&B: online, offline (files under run.dir/wandb; `wandb sync` uploads them) or disabled. "
+        "WANDB_MODE, when set, takes precedence. Online without network or key falls back to offline.",
+        choices=WANDB_MODES,
+    )
+    project: str = opt("distgan", "W&B project.")
+    entity: str = opt("", "W&B entity (user or team); empty: your default entity.")
+    name: str = opt("", "W&B run name; empty: the name of run.dir.")
+    group: str = opt("", "W&B group (e.g. the runs of one sweep).")
+    tags: list[str] = opt([], "W&B tags, e.g. --log.tags=[celeba,baseline].")
+    tensorboard: bool = opt(False, "Also write the scalars and sample grids for TensorBoard (run.dir/tensorboard).")
+    report: bool = opt(True, "At the end, write run.dir/report (plots; python -m distgan.report does it any time).")
 
 
 @dataclass
@@ -211,6 +226,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.source '{cfg.data.source}' needs data.path")
     if cfg.data.source == "digits" and cfg.model.channels != 1:
         raise ConfigError(f"data.source 'digits' has 1 channel but model.channels is {cfg.model.channels}")
+    if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("log.tensorboard needs the tensorboard package: pip install tensorboard")
     if not cfg.model.mlp_hidden or min(cfg.model.mlp_hidden) < 1:
         raise ConfigError(f"config key 'model.mlp_hidden' needs positive sizes; got {cfg.model.mlp_hidden}")
 

@@ -1,15 +1,30 @@
-"""What a run reports: console progress, metrics.jsonl rows and sample grids, all from the main process only."""
+"""What a run reports, from the main process only: console progress, metrics.jsonl rows, sample grids, a summary,
+and the same figures to W&B and TensorBoard. On every other rank a Tracker does nothing.
+
+A sink that fails (no network, a full disk, a logging library's bug) is switched off with one warning: logging
+never stops a training run. W&B is imported lazily, so runs without it never pay for the import.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import string
+import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
+
+from distgan.config import WANDB_MODES, Config, ConfigError, to_dict
+from distgan.report import write_report
+
+SHOWN = ("loss/D", "loss/G", "D/real", "D/fake_before")  # the key figures on the console
 
 
 def write_config(run_dir: Path, text: str, is_main: bool) -> None:
@@ -19,23 +34,179 @@ def write_config(run_dir: Path, text: str, is_main: bool) -> None:
         (run_dir / "config.yaml").write_text(text)
 
 
-class Tracker:
-    """Rank-0 writer of a run's progress bar, metrics rows and sample grids; a no-op on other ranks."""
+def tag_console(rank: int, world: int) -> None:
+    """With several processes, this process's warnings and uncaught errors start with "[rank N]"."""
+    if world == 1:
+        return
+    prefix = f"[rank {rank}] "
+    format_warning = warnings.formatwarning
 
-    def __init__(self, run_dir: str | Path, is_main: bool, total_steps: int, start_step: int, progress: bool = True):
-        self.run_dir, self.is_main = Path(run_dir), is_main
-        self.start_time = time.time()
-        if is_main:
-            self._drop_rows_after(start_step)
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a") if is_main else None  # noqa: SIM115 (open for the run)
+    def tagged_warning(*args, **kwargs) -> str:
+        return prefix + format_warning(*args, **kwargs)
+
+    def tagged_error(kind, value, tb) -> None:
+        lines = traceback.format_exception(kind, value, tb)
+        sys.stderr.write("".join(prefix + line for text in lines for line in text.splitlines(keepends=True)))
+
+    warnings.formatwarning = tagged_warning
+    sys.excepthook = tagged_error
+
+
+def wandb_mode(cfg: Config) -> tuple[str, str]:
+    """(mode, where it came from): WANDB_MODE when set, else log.wandb."""
+    env = os.environ.get("WANDB_MODE", "")
+    if not env:
+        return cfg.log.wandb, "log.wandb"
+    mode = {"dryrun": "offline", "run": "online"}.get(env, env)  # wandb's older spellings
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={env!r} must be one of {', '.join(WANDB_MODES)}")
+    return mode, "WANDB_MODE"
+
+
+def new_run_id() -> str:
+    """A W&B-style run id (8 characters of [a-z0-9]); drawn from the OS so training RNG streams stay untouched."""
+    return "".join(random.SystemRandom().choices(string.ascii_lowercase + string.digits, k=8))
+
+
+class WandbSink:
+    """One W&B run per training run: its id lives in the checkpoints, so a resumed or requeued job continues it."""
+
+    def __init__(self, cfg: Config, run_dir: Path, run_id: str, mode: str, say, warn):
+        import wandb
+
+        self.wandb = wandb
+        options = dict(
+            project=cfg.log.project,
+            entity=cfg.log.entity or None,
+            name=cfg.log.name or run_dir.resolve().name,
+            group=cfg.log.group or None,
+            tags=cfg.log.tags or None,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            # console="off": W&B would otherwise wrap stdout and stderr and store every progress-bar refresh.
+            settings=wandb.Settings(console="off", silent=True),
+        )
+        try:
+            self.run = wandb.init(mode=mode, **options)
+        except Exception as e:
+            if mode != "online":
+                raise
+            warn(f"W&B online failed ({_first_line(e)}); logging offline instead")
+            wandb.teardown()  # the failed attempt still holds the run id
+            self.run = wandb.init(mode="offline", **options)
+        self.run.config.update(to_dict(cfg), allow_val_change=True)  # a resumed run may have raised train.steps
+        # A resumed online run already holds the steps it logged before a crash; W&B would drop them with a warning.
+        self.first_step = self.run.starting_step
+        if self.run.settings.mode == "offline":
+            say(f"W&B: offline run {run_id}; upload it with: wandb sync {self.run.settings.sync_dir}")
+        else:
+            say(f"W&B: {self.run.url}")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if step >= self.first_step:
+            self.run.log(metrics, step=step)
+
+    def image(self, step: int, name: str, grid: torch.Tensor, path: Path) -> None:
+        if step >= self.first_step:
+            self.run.log({name: self.wandb.Image(str(path), caption=f"step {step}")}, step=step)
+
+    def summary(self, values: dict) -> None:
+        self.run.summary.update(values)
+
+    def close(self, exit_code: int, preempted: bool) -> None:
+        if preempted:
+            self.run.mark_preempting()  # W&B shows the run as preempted, not failed, until it resumes
+        self.run.finish(exit_code=exit_code)
+        # Stop W&B's service process too: it would outlive train() in this process, and processes started from
+        # here later would join it through the WANDB_SERVICE variable it leaves in os.environ.
+        self.wandb.teardown()
+
+
+class TensorBoardSink:
+    """The same scalars and grids as event files in run_dir/tensorboard."""
+
+    def __init__(self, run_dir: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        # purge_step: events of the steps a resumed run repeats are dropped, like metrics.jsonl rows
+        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def image(self, step: int, name: str, grid: torch.Tensor, path: Path) -> None:
+        self.writer.add_image(name, grid, step)
+        self.writer.flush()
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def close(self, exit_code: int, preempted: bool) -> None:
+        self.writer.close()
+
+
+class Tracker:
+    """Rank-0 writer of a run's console progress, metrics rows, sample grids and sinks; a no-op on other ranks.
+
+    run_id is the W&B id stored in the checkpoint (None: a new run). elapsed_before is the training time of the
+    run's earlier processes, so times and the summary count the whole run across restarts.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        is_main: bool,
+        start_step: int = 0,
+        run_id: str | None = None,
+        elapsed_before: float = 0.0,
+    ):
+        self.cfg, self.run_dir, self.is_main = cfg, Path(cfg.run.dir), is_main
+        self.run_id = run_id or new_run_id()
+        self.start_step, self.total_steps = start_step, cfg.train.steps
+        self.started, self.elapsed_before = time.time(), elapsed_before
+        self.last_row: dict = {}
+        self.sinks: dict[str, WandbSink | TensorBoardSink] = {}
+        self._metrics = None
+        self._bar = None
+        if not is_main:
+            return
+        self._drop_rows_after(start_step)
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run)
+        on_terminal = cfg.log.progress and sys.stderr.isatty()
         self._bar = tqdm(
-            total=total_steps,
+            total=self.total_steps,
             initial=start_step,
-            disable=not (is_main and progress),
+            disable=not on_terminal,
             unit="step",
             dynamic_ncols=True,
             mininterval=1.0,
         )
+        self._lines = cfg.log.progress and not on_terminal  # no terminal (a Slurm log): a line per metrics row
+        mode, origin = wandb_mode(cfg)
+        if origin == "WANDB_MODE" and mode != cfg.log.wandb:
+            self.print(f"W&B mode {mode} from WANDB_MODE (log.wandb says {cfg.log.wandb})")
+        if mode != "disabled":
+            self._start("W&B", lambda: WandbSink(cfg, self.run_dir, self.run_id, mode, self.print, self.warn))
+        if cfg.log.tensorboard:
+            self._start("TensorBoard", lambda: TensorBoardSink(self.run_dir, start_step))
+
+    def _start(self, name: str, make) -> None:
+        try:
+            self.sinks[name] = make()
+        except Exception as e:
+            self.warn(f"{name} could not start ({_first_line(e)}); the run goes on without it")
+
+    def _each_sink(self, method: str, *args) -> None:
+        """Call a method of every sink; one that raises is switched off with a warning (never the run)."""
+        for name, sink in list(self.sinks.items()):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as e:
+                del self.sinks[name]
+                self.warn(f"{name} logging failed ({_first_line(e)}); the run goes on without it")
 
     def _drop_rows_after(self, step: int) -> None:
         """A run resumed from step k repeats the steps after k: drop their rows, written before the restart."""
@@ -49,26 +220,44 @@ class Tracker:
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
 
+    def elapsed(self) -> float:
+        """Training seconds of the whole run so far, restarts included (stored in checkpoints)."""
+        return self.elapsed_before + time.time() - self.started
+
     def advance(self, steps: int = 1) -> None:
-        self._bar.update(steps)
+        if self._bar is not None:
+            self._bar.update(steps)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        """Append one metrics row for `step` and show the key figures on the progress bar."""
+        """Append one metrics row for `step`, send it to the sinks and show the key figures."""
         if not self.is_main:
             return
-        row = {"step": step, "time": round(time.time() - self.start_time, 3), **metrics}
+        row = {"step": step, "time": round(self.elapsed(), 3), **metrics}
         self._metrics.write(json.dumps(row) + "\n")
         self._metrics.flush()
-        shown = ("loss/D", "loss/G", "D/real", "D/fake_before", "images_per_s")
-        self._bar.set_postfix({k: f"{metrics[k]:.3g}" for k in shown if k in metrics}, refresh=False)
+        self.last_row = row
+        self._each_sink("log", step, metrics)
+        shown = {k: f"{metrics[k]:.3g}" for k in SHOWN if k in metrics}
+        if "images_per_s" in metrics:
+            shown["img/s"] = f"{metrics['images_per_s']:.0f}"
+        self._bar.set_postfix(shown, refresh=False)
+        if self._lines:
+            figures = "  ".join(f"{k} {v}" for k, v in shown.items())
+            self.print(f"step {step}/{self.total_steps}  {figures}  eta {_clock(self._eta(step))}")
 
-    def images(self, step: int, images: torch.Tensor) -> Path | None:
-        """Save a grid of images in [-1, 1] as samples/step_XXXXXXXX.png."""
+    def _eta(self, step: int) -> float:
+        done = step - self.start_step
+        return (self.total_steps - step) * (time.time() - self.started) / done if done > 0 else float("nan")
+
+    def images(self, step: int, images: torch.Tensor, name: str = "samples") -> Path | None:
+        """Save a grid of images in [-1, 1] as samples/step_XXXXXXXX.png and send it to the sinks."""
         if not self.is_main:
             return None
-        path = self.run_dir / "samples" / f"step_{step:08d}.png"
+        path = self.run_dir / name / f"step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(images.float(), path, nrow=8, normalize=True, value_range=(-1, 1))
+        grid = make_grid(images.detach().float().cpu(), nrow=8, normalize=True, value_range=(-1, 1))
+        save_image(grid, path)
+        self._each_sink("image", step, name, grid, path)
         return path
 
     def print(self, message: str) -> None:
@@ -76,10 +265,44 @@ class Tracker:
         if self.is_main:
             tqdm.write(message)
 
-    def close(self) -> None:
-        self._bar.close()
+    def warn(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(f"distgan: warning: {message}", file=sys.stderr)
+
+    def finish(self, step: int) -> dict:
+        """The end of training: summary.json (final metrics, wall time, images), the sinks' summary, a last line."""
+        if not self.is_main:
+            return {}
+        summary = {
+            **{k: v for k, v in self.last_row.items() if k not in ("step", "time")},
+            "steps": step,
+            "images_seen": step * self.cfg.train.batch_size,
+            "wall_time_s": round(self.elapsed(), 3),
+        }
+        tmp = self.run_dir / ".summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=1) + "\n")
+        os.replace(tmp, self.run_dir / "summary.json")
+        self._each_sink("summary", summary)
+        self.print(
+            f"done: {step} steps, {summary['images_seen']} images in {_clock(summary['wall_time_s'])}; "
+            f"run directory {self.run_dir}"
+        )
+        if self.cfg.log.report:
+            try:
+                self.print(f"report: {write_report(self.run_dir)}")
+            except Exception as e:  # the run itself is complete and saved
+                self.warn(f"report failed ({_first_line(e)}); python -m distgan.report {self.run_dir} retries it")
+        return summary
+
+    def close(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """Close the metrics file, the progress bar and the sinks (a nonzero exit_code marks a failed W&B run)."""
+        if self._bar is not None:
+            self._bar.close()
         if self._metrics is not None:
             self._metrics.close()
+            self._metrics = None
+        self._each_sink("close", exit_code, preempted)
+        self.sinks.clear()
 
 
 def _step_of(line: str) -> float:
@@ -87,3 +310,15 @@ def _step_of(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _clock(seconds: float) -> str:
+    if seconds != seconds:  # NaN: not known yet
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

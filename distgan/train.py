@@ -18,7 +18,7 @@ from distgan.data import build_source, flips, hflip, to_model_input
 from distgan.losses import d_loss, g_loss
 from distgan.models import build_models
 from distgan.precision import Precision
-from distgan.tracking import Tracker, write_config
+from distgan.tracking import Tracker, tag_console, wandb_mode, write_config
 
 NUM_FIXED_SAMPLES = 64  # an 8x8 grid
 
@@ -108,8 +108,10 @@ def train(cfg: Config) -> None:
     """Run (or resume) the training described by a validated config."""
     run_dir = Path(cfg.run.dir)
     check_run_dir(run_dir)
+    wandb_mode(cfg)  # a bad WANDB_MODE fails here, on every rank
     accelerator = dist.setup(cfg)
     is_main, rank, world = dist.is_main(accelerator), accelerator.process_index, accelerator.num_processes
+    tag_console(rank, world)
     resumed = find_resume(cfg, run_dir, is_main)
     write_config(run_dir, to_yaml(cfg), is_main)
     checkpoint.remove_partial(run_dir, is_main)
@@ -120,7 +122,7 @@ def train(cfg: Config) -> None:
     precision = Precision(dist.resolve_precision(cfg, accelerator), device)
     data = build_source(cfg, rank, world, pin_memory=device.type == "cuda")
 
-    start_step, skipped_before, bad_steps = 0, 0, 0
+    start_step, skipped_before, bad_steps, wandb_id, elapsed = 0, 0, 0, None, 0.0
     if resumed is not None:
         state = resumed[1]
         G.load_state_dict(state["G"])
@@ -135,6 +137,9 @@ def train(cfg: Config) -> None:
         opt_d.load_state_dict(state["opt_d"])
         precision.load_state_dict(state["scalers"])
         start_step, skipped_before, bad_steps = state["step"], state["data_skipped"], state["bad_steps"]
+        elapsed = state.get("elapsed", 0.0)
+        if resumed[0].resolve().is_relative_to(run_dir.resolve()):  # our own run: continue its W&B run
+            wandb_id = state.get("wandb_id")
         if len(state["ranks"]) == world:  # the same layout: each rank continues exactly where it was
             data.load_state_dict(state["ranks"][rank]["data"])
             checkpoint.set_rng_state(state["ranks"][rank]["rng"])
@@ -143,7 +148,7 @@ def train(cfg: Config) -> None:
             torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.RESEED, start_step, rank))
 
     fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_SAMPLES, cfg.model.nz).to(device)
-    tracker = Tracker(run_dir, is_main, cfg.train.steps, start_step, cfg.log.progress)
+    tracker = dist.on_every_rank(accelerator, Tracker, cfg, is_main, start_step, wandb_id, elapsed)
     synced = ", synced batch norm" if world > 1 and cfg.dist.sync_bn else ""
     tracker.print(
         f"{world} process(es) on {device.type}, {precision.name}, batch {cfg.train.batch_size} "
@@ -157,6 +162,7 @@ def train(cfg: Config) -> None:
     if start_step >= cfg.train.steps:
         tracker.print(f"run in {run_dir} is already complete ({start_step} steps); raise train.steps to go on")
         tracker.close()
+        accelerator.end_training()
         return
 
     def data_skipped() -> int:
@@ -179,6 +185,8 @@ def train(cfg: Config) -> None:
             "ranks": ranks,
             "config": to_dict(cfg),
             "versions": versions(),
+            "wandb_id": tracker.run_id,
+            "elapsed": tracker.elapsed(),
         }
         dist.check_replicas(accelerator, {"G": G, "D": D}, buffers=cfg.dist.sync_bn)
 
@@ -188,12 +196,30 @@ def train(cfg: Config) -> None:
 
         dist.on_every_rank(accelerator, write)
 
-    signals = dist.StopSignals()
+    def log_row(step: int, sums: dict[str, torch.Tensor], steps: int, seconds: float, data_wait: float) -> None:
+        """Means over the window and over ranks (one collective, one host sync), plus the run's counters."""
+        wait_fraction = torch.tensor([data_wait / seconds], device=device)
+        local = torch.cat([torch.stack(list(sums.values())) / steps, wait_fraction])
+        means = dict(zip([*sums, "data/wait_fraction"], dist.reduce_mean(accelerator, local).tolist()))
+        means["images_per_s"] = steps * cfg.train.batch_size / seconds
+        means["images_seen"] = step * cfg.train.batch_size
+        means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
+        means["data/skipped"] = data_skipped()
+        means["train/skipped_steps"] = bad_steps
+        if device.type == "cuda":
+            means["gpu/max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        dist.on_every_rank(accelerator, tracker.log, step, means)
+
+    signals, exit_code, preempted = dist.StopSignals(), 1, False
     try:
         sums: dict[str, torch.Tensor] = {}
-        window_start, window_steps, bad_in_a_row = time.perf_counter(), 0, 0
+        window_start, window_steps, data_wait, bad_in_a_row = time.perf_counter(), 0, 0.0, 0
         for step in range(start_step + 1, cfg.train.steps + 1):
-            real = to_model_input(next(data), device)
+            fetch_start = time.perf_counter()
+            batch = next(data)
+            data_wait += time.perf_counter() - fetch_start
+            real = to_model_input(batch, device)
             if cfg.data.hflip:
                 real = hflip(real, flips(cfg.run.seed, step, cfg.train.batch_size)[data.rank_slice].to(device))
             z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[data.rank_slice].to(device)
@@ -214,17 +240,8 @@ def train(cfg: Config) -> None:
             tracker.advance()
 
             if step % cfg.log.every == 0 or step == cfg.train.steps:
-                # Means over the window and over ranks: one collective and one host sync per log step.
-                window_means = dist.reduce_mean(accelerator, torch.stack(list(sums.values())) / window_steps)
-                means = dict(zip(sums, window_means.tolist()))
-                elapsed = time.perf_counter() - window_start
-                means["images_per_s"] = window_steps * cfg.train.batch_size / elapsed
-                means["images_seen"] = step * cfg.train.batch_size
-                means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
-                means["data/skipped"] = data_skipped()
-                means["train/skipped_steps"] = bad_steps
-                dist.on_every_rank(accelerator, tracker.log, step, means)
-                sums, window_start, window_steps = {}, time.perf_counter(), 0
+                log_row(step, sums, window_steps, time.perf_counter() - window_start, data_wait)
+                sums, window_start, window_steps, data_wait = {}, time.perf_counter(), 0, 0.0
             if step % cfg.log.images_every == 0 or step == cfg.train.steps:
                 dist.on_every_rank(accelerator, tracker.images, step, generate(dist.unwrap(accelerator, G), fixed_z))
             saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps
@@ -234,13 +251,13 @@ def train(cfg: Config) -> None:
                 if not saved:
                     save_checkpoint(step)
                 tracker.print(f"stopped by a signal at step {step}; checkpoint written; the same command resumes")
-                tracker.close()
+                exit_code, preempted = Stopped.EXIT_CODE, True
                 raise Stopped(Stopped.EXIT_CODE)
-
+        dist.on_every_rank(accelerator, tracker.finish, cfg.train.steps)  # summary, report
+        exit_code = 0
     finally:
         signals.restore()
-    tracker.close()
-    tracker.print(f"done: {cfg.train.steps} steps; samples in {run_dir / 'samples'}")
+        tracker.close(exit_code, preempted)  # marks a crashed or preempted W&B run as such
     accelerator.end_training()
 
 

@@ -1,3 +1,5 @@
+import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,6 +10,28 @@ import torch
 from distgan.config import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# W&B is off in every test (and every process a test starts) unless the test turns it on: see wandb_env.
+os.environ["WANDB_MODE"] = "disabled"
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch) -> dict:
+    """W&B on (log.wandb decides), with no key and W&B's settings, cache and netrc under tmp_path.
+
+    Returns the environment for subprocesses; this process's environment is patched the same way.
+    """
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.delenv("WANDB_MODE")
+    monkeypatch.setenv("WANDB_SERVICE", "")  # recorded as unset, so a W&B service this test starts is forgotten
+    monkeypatch.delenv("WANDB_SERVICE")
+    for name in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_DIR", "WANDB_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, sub in (("HOME", ""), ("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"),
+                      ("WANDB_DATA_DIR", "data"), ("NETRC", ".netrc")):  # fmt: skip
+        monkeypatch.setenv(name, str(home / sub))
+    return dict(os.environ)
 
 
 @pytest.fixture(autouse=True)
@@ -31,6 +55,7 @@ def tiny_config(run_dir: Path, **overrides) -> Config:
         "log.every": 2,
         "log.images_every": 3,
         "log.progress": False,
+        "log.report": False,
         "checkpoint.every": 4,
     }
     return load_config(None, {**base, **overrides})
@@ -54,6 +79,34 @@ def write_index_pngs(folder: Path, num: int, size: int = 16) -> Path:
 def image_index(images: torch.Tensor) -> list[int]:
     """Indices encoded by write_index_pngs, read back from a uint8 batch (B, 3, H, W)."""
     return (images[:, 0, 0, 0].long() + 256 * images[:, 1, 0, 0].long()).tolist()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by pid, at any depth (torchrun's workers run in sessions of their own)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # the task ended meanwhile
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process and all its descendants at once: a crashed node, not a signal a launcher forwards."""
+    import signal
+
+    pids = [proc.pid, *descendants(proc.pid)]
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)  # frozen first, so none can react to the others' deaths
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
 
 
 def free_port() -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, tiny_config
+from conftest import ROOT, kill_tree, tiny_config
 from test_train import assert_same_weights, final_state
 
 from distgan import checkpoint, dist
@@ -83,8 +83,7 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, shards, nproc, sourc
 
     proc = start(command(nproc, tmp_path / "killed", *args), tmp_path)
     wait_for(lambda: checkpoint.list_checkpoints(tmp_path / "killed"))
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_tree(proc)
     killed_at = checkpoint.list_checkpoints(tmp_path / "killed")[-1]
     assert killed_at.name != "step_00000060.pt"  # it died mid-run
     resumed = run(command(nproc, tmp_path / "killed", *args), tmp_path)

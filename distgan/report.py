@@ -1,0 +1,127 @@
+"""Plots of a run from its run directory alone (metrics.jsonl and samples/), no W&B needed.
+
+python -m distgan.report RUN_DIR    writes RUN_DIR/report/:
+  losses.png         loss/D and loss/G over steps
+  discriminator.png  D(x) and D(G(z)) before and after the D step, with 0.5, where they should drift, marked
+  samples.png        the fixed-noise samples over training: one row of 8 per sample grid, oldest at the top
+Training writes it at the end (log.report).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from distgan.config import ConfigError, run_command
+
+PLOT_SIZE = (800, 450)  # pixels
+STRIP_ROWS = 8  # sample grids shown, evenly spaced over training
+STRIP_COLUMNS = 8  # samples per grid shown (the first row of its 8x8 grid)
+LABEL_WIDTH = 100  # pixels of the "step N" column
+MIN_CELL = 64  # small samples are enlarged to at least this many pixels
+GRID_PADDING = 2  # torchvision's make_grid default, used by tracking.Tracker.images
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The run's metrics rows in step order; a line cut short by a crash is skipped."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} holds no metrics.jsonl: not a run directory, or no metrics row written yet")
+    rows = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            rows[row["step"]] = row
+        except (ValueError, KeyError, TypeError):
+            continue
+    if not rows:
+        raise ConfigError(f"{path} holds no readable metrics row")
+    return [rows[step] for step in sorted(rows)]
+
+
+def plot(rows: list[dict], lines: dict[str, str], title: str, ylabel: str, path: Path, reference=None) -> None:
+    """A PLOT_SIZE line plot of metrics over steps; reference = (y, label) draws a dashed horizontal line."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+
+    fig = Figure(figsize=(PLOT_SIZE[0] / 100, PLOT_SIZE[1] / 100), dpi=100)
+    ax = fig.add_subplot()
+    for key, label in lines.items():
+        points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), float | int)]
+        points = [(x, y) for x, y in points if math.isfinite(y)]
+        if points:
+            ax.plot(*zip(*points), label=label, linewidth=1.2)
+    if reference is not None:
+        ax.axhline(reference[0], color="gray", linestyle="--", linewidth=1, label=reference[1])
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def sample_strip(grid_paths: list[Path], path: Path) -> None:
+    """One row per grid: its first STRIP_COLUMNS samples, labelled with the grid's step."""
+    from PIL import Image, ImageDraw
+
+    picks = sorted({round(i * (len(grid_paths) - 1) / max(STRIP_ROWS - 1, 1)) for i in range(STRIP_ROWS)})
+    rows = []
+    for index in picks:
+        grid = Image.open(grid_paths[index]).convert("RGB")
+        cell = (grid.width - GRID_PADDING) // 8  # the grid is 8 samples wide
+        width = STRIP_COLUMNS * cell + GRID_PADDING
+        rows.append((int(grid_paths[index].stem.split("_")[-1]), grid.crop((0, 0, width, cell + GRID_PADDING))))
+    scale = max(1, math.ceil(MIN_CELL / (cell - GRID_PADDING)))
+    row_w, row_h = rows[0][1].width * scale, rows[0][1].height * scale
+    strip = Image.new("RGB", (LABEL_WIDTH + row_w, row_h * len(rows)), "white")
+    draw = ImageDraw.Draw(strip)
+    for i, (step, row) in enumerate(rows):
+        strip.paste(row.resize((row_w, row_h), Image.Resampling.NEAREST), (LABEL_WIDTH, i * row_h))
+        draw.text((6, i * row_h + row_h // 2 - 6), f"step {step}", fill="black")
+    strip.save(path)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write run_dir/report/*.png and return the report folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    rows = read_metrics(run_dir)
+    out = run_dir / "report"
+    out.mkdir(exist_ok=True)
+    plot(rows, {"loss/D": "D", "loss/G": "G"}, "Losses", "loss", out / "losses.png")
+    plot(
+        rows,
+        {"D/real": "D(x)", "D/fake_before": "D(G(z)) before the D step", "D/fake_after": "D(G(z)) after the D step"},
+        "Discriminator outputs (mean probability of 'real')",
+        "D",
+        out / "discriminator.png",
+        reference=(0.5, "0.5: D cannot tell real from fake"),
+    )
+    grids = sorted((run_dir / "samples").glob("step_*.png"))
+    if grids:
+        sample_strip(grids, out / "samples.png")
+    return out
+
+
+def main(run_dir: str) -> None:
+    out = write_report(run_dir)
+    for path in sorted(out.glob("*.png")):
+        print(path)
+
+
+USAGE = """usage: python -m distgan.report RUN_DIR
+
+Writes RUN_DIR/report/: losses.png, discriminator.png (D(x), D(G(z)) and the 0.5 reference) and samples.png
+(the fixed-noise samples over training), from the run's metrics.jsonl and samples/.
+"""
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_command(main, "distgan.report", sys.argv[1:] if argv is None else argv, usage=USAGE)
+
+
+if __name__ == "__main__":
+    cli()

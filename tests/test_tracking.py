@@ -1,0 +1,248 @@
+"""Observability: W&B runs read back from their files, TensorBoard events, console, summary, report, secrets."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port, kill_tree, run_cli, tiny_config
+from PIL import Image
+from wandb_records import offline_runs, read_run
+
+from distgan import checkpoint, report
+from distgan.config import ConfigError
+from distgan.train import train
+
+BIN = Path(sys.executable).parent
+TINY = ["--model.ngf=8", "--model.ndf=8", "--model.nz=16", "--train.batch_size=16"]
+SHORT = [*TINY, "--train.steps=6", "--log.every=2", "--log.images_every=3", "--checkpoint.every=4"]  # tiny_config
+METRICS = {
+    "loss/D", "loss/G", "D/real", "D/fake_before", "D/fake_after", "lr/G", "lr/D", "images_per_s", "images_seen",
+    "data/wait_fraction", "data/skipped", "train/skipped_steps", "grad_norm/D", "grad_norm/G",
+}  # fmt: skip
+
+
+def test_an_offline_run_reads_back_with_its_config_history_images_and_summary(tmp_path, wandb_env):
+    cfg = tiny_config(tmp_path / "run", **{"log.wandb": "offline", "log.project": "tests", "log.tags": ["a"]})
+    train(cfg)  # 6 steps; metrics at 2, 4, 6; sample grids at 3, 6
+
+    [path] = offline_runs(tmp_path / "run")
+    run = read_run(path)
+    assert run.run_id == checkpoint.load_latest(tmp_path / "run")[1]["wandb_id"]
+    assert run.project == "tests"
+    assert run.config["train"] == {**run.config["train"], "steps": 6, "batch_size": 16}  # the resolved config
+    assert run.config["model"]["ngf"] == 8 and run.config["log"]["wandb"] == "offline"
+
+    assert [row["_step"] for row in run.history] == [2, 3, 4, 6]  # one row per logged step
+    for row in run.history:
+        if row["_step"] % 2 == 0:
+            assert row.keys() >= METRICS, METRICS - row.keys()
+            assert 0 <= row["data/wait_fraction"] <= 1 and row["images_seen"] == 16 * row["_step"]
+        if row["_step"] % 3 == 0:
+            assert row["samples/_type"] == "image-file"
+            image = path.parent / "files" / row["samples/path"]
+            assert Image.open(image).size == (8 * 34 + 2, 8 * 34 + 2)  # 64 samples of 32x32, as samples/*.png
+    assert run.summary["steps"] == 6 and run.summary["images_seen"] == 96 and run.summary["wall_time_s"] > 0
+    assert run.summary["loss/D"] == pytest.approx(run.history[-1]["loss/D"])
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["images_seen"] == 96
+    last = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert summary["loss/G"] == last["loss/G"]
+
+
+def torchrun(run_dir: Path, *args: str) -> list[str]:
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"]
+    return [
+        *launcher,
+        "-m",
+        "distgan.train",
+        *TINY,
+        f"--run.dir={run_dir}",
+        "--log.wandb=offline",
+        "--log.progress=False",
+        *args,
+    ]
+
+
+def test_two_processes_make_one_wandb_run_and_a_killed_run_resumes_it_on_the_same_step_axis(tmp_path, wandb_env):
+    run_dir = tmp_path / "run"
+    args = ["--train.steps=120", "--checkpoint.every=20", "--log.every=10", "--log.images_every=1000"]
+    env = {**wandb_env, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(torchrun(run_dir, *args), env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    try:
+        _wait_for(lambda: checkpoint.list_checkpoints(run_dir), proc)
+    finally:
+        kill_tree(proc)  # torchrun, both ranks and W&B's service
+    [first] = offline_runs(run_dir)  # two processes, one W&B run
+    killed_at = checkpoint.load_latest(run_dir)[1]
+    assert killed_at["step"] < 120
+
+    done = subprocess.run(torchrun(run_dir, *args), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert offline_runs(run_dir)[0] == first and len(offline_runs(run_dir)) == 2  # the restart: one more, not two
+    after = read_run(offline_runs(run_dir)[1])
+    # The same W&B run continues. (The killed run's records may not have reached its file: only its name is read.)
+    assert first.parent.name.endswith(f"-{killed_at['wandb_id']}") and after.run_id == killed_at["wandb_id"]
+    assert [row["_step"] for row in after.history] == list(range(killed_at["step"] + 10, 121, 10))
+    assert after.summary["steps"] == 120
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while not predicate():
+        assert proc.poll() is None, f"the run ended early (exit {proc.returncode})"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_disabled_writes_nothing_and_wandb_mode_overrides_the_config(tmp_path, wandb_env, monkeypatch, capsys):
+    train(tiny_config(tmp_path / "off", **{"log.wandb": "disabled"}))
+    assert not (tmp_path / "off" / "wandb").exists()
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    train(tiny_config(tmp_path / "env", **{"log.wandb": "offline"}))
+    assert not (tmp_path / "env" / "wandb").exists()
+    assert "W&B mode disabled from WANDB_MODE (log.wandb says offline)" in capsys.readouterr().out
+
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    with pytest.raises(ConfigError, match="WANDB_MODE='sometimes' must be one of online, offline, disabled"):
+        train(tiny_config(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_online_without_a_key_falls_back_to_offline_and_finishes(tmp_path, wandb_env):
+    done = run_cli(
+        "distgan.train",
+        *SHORT,
+        f"--run.dir={tmp_path / 'run'}",
+        "--log.wandb=online",
+        "--log.progress=False",
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("W&B online failed") == 1, done.stderr  # warned once
+    assert "No API key" in done.stderr
+    [path] = offline_runs(tmp_path / "run")
+    assert [row["_step"] for row in read_run(path).history][-1] == 6
+
+
+def test_secrets_appear_in_no_file_and_no_console_line(tmp_path, wandb_env, monkeypatch):
+    """A W&B key that is used (online, to an unreachable server) and another credential in the environment."""
+    key, other = "k3y" + "5ecret" * 7, "aws-" + "s3cret" * 5
+    monkeypatch.setenv("WANDB_API_KEY", key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", other)
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens: no network
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    args = ["--log.wandb=online", "--log.progress=True", "--log.tensorboard=True"]
+    done = run_cli("distgan.train", *SHORT, f"--run.dir={tmp_path / 'run'}", *args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("W&B online failed") == 1  # it tried, then went on offline
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert len(files) > 20 and any(p.suffix == ".wandb" for p in files) and any("tfevents" in p.name for p in files)
+    for secret in (key, other):
+        assert secret not in done.stdout + done.stderr
+        leaks = [p for p in files if secret.encode() in p.read_bytes()]
+        assert not leaks, f"{secret[:6]}... found in {leaks}"
+
+
+def test_tensorboard_gets_the_same_scalars_and_images(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train(tiny_config(tmp_path / "run", **{"log.tensorboard": True}))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert set(events.Tags()["scalars"]) >= METRICS
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = events.Scalars("loss/D")
+    assert [e.step for e in logged] == [2, 4, 6]
+    assert [e.value for e in logged] == pytest.approx([r["loss/D"] for r in rows])
+    assert [e.step for e in events.Images("samples")] == [3, 6]
+
+
+def test_a_failing_sink_warns_and_the_run_goes_on(tmp_path, wandb_env, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "wandb").write_text("a file where W&B wants its folder")
+    (tmp_path / "run" / "tensorboard").write_text("and one where TensorBoard wants its folder")
+    train(tiny_config(tmp_path / "run", **{"log.wandb": "offline", "log.tensorboard": True}))
+    err = capsys.readouterr().err
+    assert "distgan: warning: W&B could not start" in err
+    assert "distgan: warning: TensorBoard could not start" in err
+    assert checkpoint.load_latest(tmp_path / "run")[1]["step"] == 6
+    assert (tmp_path / "run" / "wandb").read_text() == "a file where W&B wants its folder"  # nothing overwritten
+
+
+def test_report_writes_plots_and_a_sample_strip_of_the_expected_size(tmp_path):
+    train(tiny_config(tmp_path / "run", **{"train.steps": 12, "log.images_every": 2}))  # 6 grids of 32x32 samples
+    done = run_cli("distgan.report", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "run" / "report"
+    assert done.stdout.split() == [str(out / name) for name in ("discriminator.png", "losses.png", "samples.png")]
+    for name in ("losses.png", "discriminator.png"):
+        with Image.open(out / name) as image:
+            image.verify()
+        assert Image.open(out / name).size == report.PLOT_SIZE
+        assert len(Image.open(out / name).getcolors(1 << 16) or range(1 << 16)) > 10  # something is drawn
+    strip = Image.open(out / "samples.png")
+    scale = 2  # 32-pixel samples are enlarged to report.MIN_CELL
+    assert strip.size == (report.LABEL_WIDTH + (8 * 34 + 2) * scale, 6 * (34 + 2) * scale)  # 6 grids, 8 each
+    first_sample = strip.crop((report.LABEL_WIDTH + 4, 4, report.LABEL_WIDTH + 64, 64))
+    grid = Image.open(tmp_path / "run" / "samples" / "step_00000002.png").convert("RGB")
+    assert first_sample.tobytes() == grid.crop((2, 2, 32, 32)).resize((60, 60), Image.Resampling.NEAREST).tobytes()
+
+
+def test_training_writes_the_report_at_the_end_and_bad_report_input_is_named(tmp_path):
+    train(tiny_config(tmp_path / "run", **{"log.report": True}))
+    assert sorted(p.name for p in (tmp_path / "run" / "report").iterdir()) == [
+        "discriminator.png", "losses.png", "samples.png"
+    ]  # fmt: skip
+    done = run_cli("distgan.report", str(tmp_path / "nowhere"), cwd=tmp_path)
+    assert done.returncode == 2 and "distgan: error: run directory" in done.stderr and "does not exist" in done.stderr
+    (tmp_path / "empty").mkdir()
+    done = run_cli("distgan.report", str(tmp_path / "empty"), cwd=tmp_path)
+    assert done.returncode == 2 and "holds no metrics.jsonl" in done.stderr
+    with pytest.raises(ConfigError, match="holds no readable metrics row"):
+        (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": 1, "loss/D"')  # cut short by a crash
+        report.write_report(tmp_path / "empty")
+
+
+def test_console_lines_without_a_terminal_and_rank_tagged_warnings_and_errors(tmp_path):
+    done = run_cli(
+        "distgan.train", *SHORT, "--log.progress=True", "--log.wandb=disabled", f"--run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all(" loss/D " in line and " img/s " in line and " eta " in line for line in lines)
+    assert "done: 6 steps, 96 images in 0:00:" in done.stdout
+
+    code = (
+        "import warnings; from distgan.tracking import tag_console; tag_console(1, 2); "
+        "warnings.warn('slow disk'); raise ValueError('broken shard')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert lines[0].startswith("[rank 1] ") and "UserWarning: slow disk" in lines[0]
+    assert lines[-1] == "[rank 1] ValueError: broken shard"
+    assert all(line.startswith("[rank 1] ") for line in lines)
+
+
+def test_a_resumed_run_counts_its_time_and_keeps_its_wandb_id_only_in_its_own_directory(tmp_path):
+    train(tiny_config(tmp_path / "run", **{"train.steps": 4}))
+    first = checkpoint.load_latest(tmp_path / "run")[1]
+    assert len(first["wandb_id"]) == 8 and first["elapsed"] > 0
+    train(tiny_config(tmp_path / "run", **{"train.steps": 8}))
+    second = checkpoint.load_latest(tmp_path / "run")[1]
+    assert second["wandb_id"] == first["wandb_id"] and second["elapsed"] > first["elapsed"]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["wall_time_s"] >= second["elapsed"] - 1e-3
+
+    resume = str(checkpoint.list_checkpoints(tmp_path / "run")[-1])
+    train(tiny_config(tmp_path / "fork", **{"train.steps": 10, "checkpoint.resume": resume}))
+    assert checkpoint.load_latest(tmp_path / "fork")[1]["wandb_id"] != first["wandb_id"]  # a new W&B run
+    assert torch.load(resume, weights_only=True)["wandb_id"] == first["wandb_id"]
