@@ -34,15 +34,17 @@ def write_config(run_dir: Path, text: str, is_main: bool) -> None:
         (run_dir / "config.yaml").write_text(text)
 
 
+_FORMAT_WARNING = warnings.formatwarning  # the untagged original, so tagging twice does not tag twice
+
+
 def tag_console(rank: int, world: int) -> None:
     """With several processes, this process's warnings and uncaught errors start with "[rank N]"."""
     if world == 1:
         return
     prefix = f"[rank {rank}] "
-    format_warning = warnings.formatwarning
 
     def tagged_warning(*args, **kwargs) -> str:
-        return prefix + format_warning(*args, **kwargs)
+        return prefix + _FORMAT_WARNING(*args, **kwargs)
 
     def tagged_error(kind, value, tb) -> None:
         lines = traceback.format_exception(kind, value, tb)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import ROOT, kill_tree, tiny_config
 from test_train import assert_same_weights, final_state
+from wandb_records import offline_runs, read_run
 
 from distgan import checkpoint, dist
 from distgan.config import ConfigError
@@ -106,15 +107,19 @@ def test_signal_on_rank_1_stops_every_rank_with_a_checkpoint(tmp_path):
     assert step >= 50 and f"stopped by a signal at step {step};" in out  # the checkpoint of the stop step
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_75(tmp_path):
-    args = ["--train.steps=100000", "--checkpoint.every=100000", "--log.every=50"]
+def test_sigterm_writes_a_checkpoint_and_exits_75_and_marks_the_wandb_run_preempted(tmp_path, wandb_env):
+    args = ["--train.steps=100000", "--checkpoint.every=100000", "--log.every=50", "--log.wandb=offline"]
     proc = start(command(1, tmp_path / "run", *args), tmp_path)
-    wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists())
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0)  # a row written: training is under way
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == Stopped.EXIT_CODE and "stopped by a signal" in out
     (stopped,) = checkpoint.list_checkpoints(tmp_path / "run")
     assert checkpoint.load(stopped)["step"] > 0
+    [path] = offline_runs(tmp_path / "run")
+    run = read_run(path)
+    assert run.preempting and run.exit_code == Stopped.EXIT_CODE and run.history  # flushed, not lost
 
 
 def test_a_second_sigint_interrupts_at_once_and_a_cut_save_leaves_the_old_file(tmp_path, monkeypatch):

@@ -53,6 +53,8 @@ class OfflineRun:
     config: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)  # one dict per history row, "_step" included
     summary: dict = field(default_factory=dict)
+    preempting: bool = False  # marked as preempted (run.mark_preempting)
+    exit_code: int | None = None  # None: the run file ends without an exit record (killed)
 
 
 def read_run(path: Path) -> OfflineRun:
@@ -73,6 +75,10 @@ def read_run(path: Path) -> OfflineRun:
             run.history.append({_key(i): json.loads(i.value_json) for i in record.history.item})
         elif kind == "summary":
             run.summary.update({_key(i): json.loads(i.value_json) for i in record.summary.update})
+        elif kind == "preempting":
+            run.preempting = True
+        elif kind == "exit":
+            run.exit_code = record.exit.exit_code
     return run
 
 
