@@ -1,6 +1,7 @@
 """Observability: W&B runs read back from their files, TensorBoard events, console, summary, report, secrets."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -246,3 +247,39 @@ def test_a_resumed_run_counts_its_time_and_keeps_its_wandb_id_only_in_its_own_di
     train(tiny_config(tmp_path / "fork", **{"train.steps": 10, "checkpoint.resume": resume}))
     assert checkpoint.load_latest(tmp_path / "fork")[1]["wandb_id"] != first["wandb_id"]  # a new W&B run
     assert torch.load(resume, weights_only=True)["wandb_id"] == first["wandb_id"]
+
+
+@pytest.mark.gpu
+def test_cuda_runs_log_their_peak_memory(tmp_path):
+    train(tiny_config(tmp_path / "run"))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < row["gpu/max_allocated_gb"] < 80 for row in rows)
+
+
+def test_on_a_terminal_rank_0_draws_a_bar_with_eta_and_the_key_figures(tmp_path, monkeypatch):
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    from distgan.tracking import Tracker
+
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # 160 columns
+    monkeypatch.setattr(sys, "stderr", open(terminal, "w", buffering=1))  # noqa: SIM115 (closed below)
+    cfg = tiny_config(tmp_path / "run", **{"log.progress": True, "train.steps": 10})
+    (tmp_path / "run").mkdir()
+    tracker = Tracker(cfg, is_main=True)
+    for step in range(1, 5):
+        tracker.advance()
+        tracker.log(step, {"loss/D": 1.25, "loss/G": 0.75, "D/real": 0.5, "D/fake_before": 0.25, "images_per_s": 99})
+    tracker.close()
+    sys.stderr.close()
+    shown = os.read(main, 1 << 16).decode()
+    os.close(main)
+    assert "4/10" in shown and "<" in shown  # steps done / total and elapsed<remaining (the ETA)
+    assert "loss/D=1.25" in shown and "loss/G=0.75" in shown and "D/real=0.5" in shown and "img/s=99" in shown
+    assert not [line for line in shown.splitlines() if line.startswith("step ")]  # a bar, not lines
+
+    Tracker(cfg, is_main=False).log(5, {"loss/D": 1.0})  # other ranks: nothing written
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
