@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -282,5 +283,7 @@ def run_command(fn, name: str, argv: list[str], usage: str | None = None) -> Non
     try:
         fire.Fire(quiet, command=argv, name=name)
     except ConfigError as e:
-        print(f"distgan: error: {e}", file=sys.stderr)
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # every rank reports it: say which one
+        tag = f"[rank {os.environ.get('RANK', '?')}] " if several else ""
+        print(f"{tag}distgan: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -63,16 +63,35 @@ def plot(rows: list[dict], lines: dict[str, str], title: str, ylabel: str, path:
 
 
 def sample_strip(grid_paths: list[Path], path: Path) -> None:
-    """One row per grid: its first STRIP_COLUMNS samples, labelled with the grid's step."""
+    """One row per grid: its first STRIP_COLUMNS samples, labelled with the grid's step.
+
+    A grid that does not open (cut short by a crash) or differs in size from the first is left out with a warning.
+    """
     from PIL import Image, ImageDraw
 
     picks = sorted({round(i * (len(grid_paths) - 1) / max(STRIP_ROWS - 1, 1)) for i in range(STRIP_ROWS)})
-    rows = []
+    rows, size = [], None
     for index in picks:
-        grid = Image.open(grid_paths[index]).convert("RGB")
-        cell = (grid.width - GRID_PADDING) // 8  # the grid is 8 samples wide
-        width = STRIP_COLUMNS * cell + GRID_PADDING
-        rows.append((int(grid_paths[index].stem.split("_")[-1]), grid.crop((0, 0, width, cell + GRID_PADDING))))
+        grid_path = grid_paths[index]
+        try:
+            with Image.open(grid_path) as opened:
+                grid = opened.convert("RGB")
+        except OSError as e:
+            print(f"distgan: warning: report leaves out {grid_path}: {e}", file=sys.stderr)
+            continue
+        if size is not None and grid.size != size:
+            print(f"distgan: warning: report leaves out {grid_path}: {grid.size} pixels, not {size}", file=sys.stderr)
+            continue
+        size = grid.size
+        cell = (grid.width - GRID_PADDING) // 8  # the grid is 8 samples wide, each sample square
+        rows.append(
+            (
+                int(grid_path.stem.split("_")[-1]),
+                grid.crop((0, 0, STRIP_COLUMNS * cell + GRID_PADDING, cell + GRID_PADDING)),
+            )
+        )
+    if not rows:
+        return
     scale = max(1, math.ceil(MIN_CELL / (cell - GRID_PADDING)))
     row_w, row_h = rows[0][1].width * scale, rows[0][1].height * scale
     strip = Image.new("RGB", (LABEL_WIDTH + row_w, row_h * len(rows)), "white")

@@ -1,12 +1,14 @@
 """What a run reports, from the main process only: console progress, metrics.jsonl rows, sample grids, a summary,
 and the same figures to W&B and TensorBoard. On every other rank a Tracker does nothing.
 
-A sink that fails (no network, a full disk, a logging library's bug) is switched off with one warning: logging
-never stops a training run. W&B is imported lazily, so runs without it never pay for the import.
+The run directory's own files are part of the run: failing to write them stops every rank (train.py calls through
+dist.on_every_rank). W&B and TensorBoard are extras: one that fails (no network, a full disk, a library's bug) is
+switched off with one warning and training goes on. W&B is imported lazily, so runs without it never pay for it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -35,13 +37,15 @@ def write_config(run_dir: Path, text: str, is_main: bool) -> None:
 
 
 _FORMAT_WARNING = warnings.formatwarning  # the untagged original, so tagging twice does not tag twice
+_RANK_TAG = ""  # "[rank N] " once tag_console ran with several processes
 
 
 def tag_console(rank: int, world: int) -> None:
     """With several processes, this process's warnings and uncaught errors start with "[rank N]"."""
     if world == 1:
         return
-    prefix = f"[rank {rank}] "
+    global _RANK_TAG
+    prefix = _RANK_TAG = f"[rank {rank}] "
 
     def tagged_warning(*args, **kwargs) -> str:
         return prefix + _FORMAT_WARNING(*args, **kwargs)
@@ -71,9 +75,14 @@ def new_run_id() -> str:
 
 
 class WandbSink:
-    """One W&B run per training run: its id lives in the checkpoints, so a resumed or requeued job continues it."""
+    """One W&B run per training run: its id lives in the checkpoints, so a resumed or requeued job continues it.
 
-    def __init__(self, cfg: Config, run_dir: Path, run_id: str, mode: str, say, warn):
+    logged_before: the last step an earlier process of this run may have sent (its last metrics row); a resumed
+    offline run starts after it, so that its directory's steps follow the earlier directories' without overlap
+    (what `wandb sync --append` needs). A resumed online run starts where the server's history ends.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, run_id: str, mode: str, logged_before: int, say, warn):
         import wandb
 
         self.wandb = wandb
@@ -89,6 +98,9 @@ class WandbSink:
             # console="off": W&B would otherwise wrap stdout and stderr and store every progress-bar refresh.
             settings=wandb.Settings(console="off", silent=True),
         )
+        if mode == "online" and not _has_wandb_key(wandb):
+            warn("W&B online needs an API key (wandb login, or WANDB_API_KEY); logging offline instead")
+            mode = "offline"
         try:
             self.run = wandb.init(mode=mode, **options)
         except Exception as e:
@@ -98,10 +110,12 @@ class WandbSink:
             wandb.teardown()  # the failed attempt still holds the run id
             self.run = wandb.init(mode="offline", **options)
         self.run.config.update(to_dict(cfg), allow_val_change=True)  # a resumed run may have raised train.steps
-        # A resumed online run already holds the steps it logged before a crash; W&B would drop them with a warning.
-        self.first_step = self.run.starting_step
+        # Steps W&B already holds are not sent again: online it would drop them with a warning; offline two
+        # directories with the same steps could not be appended to one run.
+        self.first_step = self.run.starting_step or logged_before + 1
         if self.run.settings.mode == "offline":
-            say(f"W&B: offline run {run_id}; upload it with: wandb sync {self.run.settings.sync_dir}")
+            append = "--append " if logged_before else ""  # a restart: after the earlier directories
+            say(f"W&B: offline run {run_id}; upload it with: wandb sync {append}{self.run.settings.sync_dir}")
         else:
             say(f"W&B: {self.run.url}")
 
@@ -117,12 +131,22 @@ class WandbSink:
         self.run.summary.update(values)
 
     def close(self, exit_code: int, preempted: bool) -> None:
-        if preempted:
-            self.run.mark_preempting()  # W&B shows the run as preempted, not failed, until it resumes
-        self.run.finish(exit_code=exit_code)
-        # Stop W&B's service process too: it would outlive train() in this process, and processes started from
-        # here later would join it through the WANDB_SERVICE variable it leaves in os.environ.
-        self.wandb.teardown()
+        try:
+            if preempted:
+                self.run.mark_preempting()  # W&B shows the run as preempted, not failed, until it resumes
+            self.run.finish(exit_code=exit_code)
+        finally:
+            # Stop W&B's service process too: it would outlive train() in this process, and processes started
+            # from here later would join it through the WANDB_SERVICE variable it leaves in os.environ.
+            self.wandb.teardown()
+
+
+def _has_wandb_key(wandb) -> bool:
+    """Whether W&B finds credentials (environment, settings, netrc) without asking: on a terminal it would prompt."""
+    try:
+        return wandb.login(prompt=False, verify=False)
+    except TypeError:  # a wandb older than login(prompt=...)
+        return bool(os.environ.get("WANDB_API_KEY"))
 
 
 class TensorBoardSink:
@@ -175,7 +199,8 @@ class Tracker:
         self._bar = None
         if not is_main:
             return
-        self._drop_rows_after(start_step)
+        last_row = self._drop_rows_after(start_step)
+        logged_before = last_row if run_id else 0  # a new W&B run (run_id None) has nothing logged yet
         self._metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run)
         on_terminal = cfg.log.progress and sys.stderr.isatty()
         self._bar = tqdm(
@@ -191,7 +216,8 @@ class Tracker:
         if origin == "WANDB_MODE" and mode != cfg.log.wandb:
             self.print(f"W&B mode {mode} from WANDB_MODE (log.wandb says {cfg.log.wandb})")
         if mode != "disabled":
-            self._start("W&B", lambda: WandbSink(cfg, self.run_dir, self.run_id, mode, self.print, self.warn))
+            args = (cfg, self.run_dir, self.run_id, mode, logged_before, self.print, self.warn)
+            self._start("W&B", lambda: WandbSink(*args))
         if cfg.log.tensorboard:
             self._start("TensorBoard", lambda: TensorBoardSink(self.run_dir, start_step))
 
@@ -210,17 +236,21 @@ class Tracker:
                 del self.sinks[name]
                 self.warn(f"{name} logging failed ({_first_line(e)}); the run goes on without it")
 
-    def _drop_rows_after(self, step: int) -> None:
-        """A run resumed from step k repeats the steps after k: drop their rows, written before the restart."""
+    def _drop_rows_after(self, step: int) -> int:
+        """A run resumed from step k repeats the steps after k: drop their rows, written before the restart.
+
+        Returns the last step that had a row (0 if none): the furthest an earlier process may have logged.
+        """
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
-            return
+            return 0
         lines = path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) <= step]  # a line cut short by a crash goes too
         if len(kept) != len(lines):
             tmp = path.with_name(".metrics.jsonl.tmp")
             tmp.write_text("".join(kept))
             os.replace(tmp, path)
+        return max((int(s) for s in map(_step_of, lines) if s != float("inf")), default=0)
 
     def elapsed(self) -> float:
         """Training seconds of the whole run so far, restarts included (stored in checkpoints)."""
@@ -228,7 +258,8 @@ class Tracker:
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
-            self._bar.update(steps)
+            with contextlib.suppress(OSError):  # a closed console must not stop rank 0 alone
+                self._bar.update(steps)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Append one metrics row for `step`, send it to the sinks and show the key figures."""
@@ -242,7 +273,8 @@ class Tracker:
         shown = {k: f"{metrics[k]:.3g}" for k in SHOWN if k in metrics}
         if "images_per_s" in metrics:
             shown["img/s"] = f"{metrics['images_per_s']:.0f}"
-        self._bar.set_postfix(shown, refresh=False)
+        with contextlib.suppress(OSError):
+            self._bar.set_postfix(shown, refresh=False)
         if self._lines:
             figures = "  ".join(f"{k} {v}" for k, v in shown.items())
             self.print(f"step {step}/{self.total_steps}  {figures}  eta {_clock(self._eta(step))}")
@@ -258,18 +290,23 @@ class Tracker:
         path = self.run_dir / name / f"step_{step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         grid = make_grid(images.detach().float().cpu(), nrow=8, normalize=True, value_range=(-1, 1))
-        save_image(grid, path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_image(grid, tmp, format="png")
+        os.replace(tmp, path)  # a crash mid-write leaves no half grid
         self._each_sink("image", step, name, grid, path)
         return path
 
-    def print(self, message: str) -> None:
-        """A console line from the main process that does not break the progress bar."""
+    def print(self, message: str, file=None) -> None:
+        """A console line from the main process that does not break the progress bar.
+
+        A console that is gone (a closed pipe) is ignored: it must not stop rank 0 while the others train on.
+        """
         if self.is_main:
-            tqdm.write(message)
+            with contextlib.suppress(OSError):
+                tqdm.write(message, file=file)
 
     def warn(self, message: str) -> None:
-        if self.is_main:
-            tqdm.write(f"distgan: warning: {message}", file=sys.stderr)
+        self.print(f"{_RANK_TAG}distgan: warning: {message}", file=sys.stderr)
 
     def finish(self, step: int) -> dict:
         """The end of training: summary.json (final metrics, wall time, images), the sinks' summary, a last line."""
@@ -297,14 +334,17 @@ class Tracker:
         return summary
 
     def close(self, exit_code: int = 0, preempted: bool = False) -> None:
-        """Close the metrics file, the progress bar and the sinks (a nonzero exit_code marks a failed W&B run)."""
-        if self._bar is not None:
-            self._bar.close()
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        self._each_sink("close", exit_code, preempted)
-        self.sinks.clear()
+        """Close the progress bar, the sinks and the metrics file (a nonzero exit_code marks a failed W&B run)."""
+        try:
+            if self._bar is not None:
+                with contextlib.suppress(OSError):
+                    self._bar.close()
+            self._each_sink("close", exit_code, preempted)
+            self.sinks.clear()
+        finally:
+            if self._metrics is not None:
+                self._metrics.close()
+                self._metrics = None
 
 
 def _step_of(line: str) -> float:

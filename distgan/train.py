@@ -5,6 +5,7 @@ python -m distgan.train [--config FILE] [--section.key=value ...]     (--help li
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -251,7 +252,7 @@ def train(cfg: Config) -> None:
                 if not saved:
                     save_checkpoint(step)
                 tracker.print(f"stopped by a signal at step {step}; checkpoint written; the same command resumes")
-                exit_code, preempted = Stopped.EXIT_CODE, True
+                exit_code, preempted = Stopped.EXIT_CODE, signals.received != signal.SIGINT  # Ctrl-C: not preempted
                 raise Stopped(Stopped.EXIT_CODE)
         dist.on_every_rank(accelerator, tracker.finish, cfg.train.steps)  # summary, report
         exit_code = 0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,25 +71,34 @@ def torchrun(run_dir: Path, *args: str) -> list[str]:
 
 def test_two_processes_make_one_wandb_run_and_a_killed_run_resumes_it_on_the_same_step_axis(tmp_path, wandb_env):
     run_dir = tmp_path / "run"
-    args = ["--train.steps=120", "--checkpoint.every=20", "--log.every=10", "--log.images_every=1000"]
+    args = ["--train.steps=120", "--checkpoint.every=50", "--log.every=10", "--log.images_every=1000"]
     env = {**wandb_env, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(torchrun(run_dir, *args), env=env, start_new_session=True, stdout=subprocess.DEVNULL)
-    try:
-        _wait_for(lambda: checkpoint.list_checkpoints(run_dir), proc)
+    try:  # killed after a checkpoint, with metrics rows past it: steps that the restart repeats
+        _wait_for(lambda: checkpoint.list_checkpoints(run_dir) and _last_row(run_dir) >= 60, proc)
     finally:
         kill_tree(proc)  # torchrun, both ranks and W&B's service
     [first] = offline_runs(run_dir)  # two processes, one W&B run
-    killed_at = checkpoint.load_latest(run_dir)[1]
-    assert killed_at["step"] < 120
+    killed_at, last_row = checkpoint.load_latest(run_dir)[1], _last_row(run_dir)
+    assert killed_at["step"] < last_row < 120
 
     done = subprocess.run(torchrun(run_dir, *args), env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert offline_runs(run_dir)[0] == first and len(offline_runs(run_dir)) == 2  # the restart: one more, not two
-    after = read_run(offline_runs(run_dir)[1])
-    # The same W&B run continues. (The killed run's records may not have reached its file: only its name is read.)
+    before, after = read_run(first), read_run(offline_runs(run_dir)[1])
+    # The same W&B run continues (the killed run's records may not have reached its file, but its name has the id)
     assert first.parent.name.endswith(f"-{killed_at['wandb_id']}") and after.run_id == killed_at["wandb_id"]
-    assert [row["_step"] for row in after.history] == list(range(killed_at["step"] + 10, 121, 10))
+    # ... on one step axis: the restart sends only the steps after the killed run's last row, none twice
+    assert [row["_step"] for row in after.history] == list(range(last_row + 10, 121, 10))
+    assert all(row["_step"] <= last_row for row in before.history)
     assert after.summary["steps"] == 120
+    assert f"wandb sync --append {offline_runs(run_dir)[1].parent}" in done.stdout
+
+
+def _last_row(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1])["step"] if lines and lines[-1].endswith("}") else 0
 
 
 def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -116,20 +126,45 @@ def test_disabled_writes_nothing_and_wandb_mode_overrides_the_config(tmp_path, w
     assert not (tmp_path / "bad").exists()
 
 
-def test_online_without_a_key_falls_back_to_offline_and_finishes(tmp_path, wandb_env):
-    done = run_cli(
-        "distgan.train",
-        *SHORT,
-        f"--run.dir={tmp_path / 'run'}",
-        "--log.wandb=online",
-        "--log.progress=False",
-        cwd=tmp_path,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stderr.count("W&B online failed") == 1, done.stderr  # warned once
-    assert "No API key" in done.stderr
+def test_online_without_a_key_on_a_terminal_goes_offline_without_asking(tmp_path, wandb_env):
+    cmd = [sys.executable, "-m", "distgan.train", *SHORT, f"--run.dir={tmp_path / 'run'}", "--log.wandb=online"]
+    code, shown = run_on_terminal(cmd, cwd=tmp_path)  # W&B would ask for a key on a terminal: nobody answers
+    assert code == 0, shown[-3000:]
+    assert shown.count("W&B online needs an API key") == 1 and "done: 6 steps" in shown
     [path] = offline_runs(tmp_path / "run")
-    assert [row["_step"] for row in read_run(path).history][-1] == 6
+    assert [row["_step"] for row in read_run(path).history] == [2, 3, 4, 6]
+
+
+def run_on_terminal(cmd: list[str], cwd: Path, timeout: float = 120) -> tuple[int, str]:
+    """Run cmd with stdin, stdout and stderr on a pseudo-terminal; return its exit code and everything it showed."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    import time
+
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))
+    proc = subprocess.Popen(cmd, cwd=cwd, stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
+    os.close(terminal)
+    shown, deadline = b"", time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if select.select([main], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(main, 1 << 16)
+                except OSError:  # EIO: every writer has closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+        else:
+            proc.kill()
+            raise AssertionError(f"still running after {timeout} s (waiting for input?): {shown[-2000:]!r}")
+    finally:
+        os.close(main)
+    return proc.wait(), shown.decode(errors="replace")
 
 
 def test_secrets_appear_in_no_file_and_no_console_line(tmp_path, wandb_env, monkeypatch):
@@ -277,9 +312,49 @@ def test_on_a_terminal_rank_0_draws_a_bar_with_eta_and_the_key_figures(tmp_path,
     sys.stderr.close()
     shown = os.read(main, 1 << 16).decode()
     os.close(main)
-    assert "4/10" in shown and "<" in shown  # steps done / total and elapsed<remaining (the ETA)
+    assert "4/10" in shown and re.search(r"\d\d:\d\d<\d\d:\d\d", shown)  # done/total, elapsed<remaining (ETA)
     assert "loss/D=1.25" in shown and "loss/G=0.75" in shown and "D/real=0.5" in shown and "img/s=99" in shown
     assert not [line for line in shown.splitlines() if line.startswith("step ")]  # a bar, not lines
 
     Tracker(cfg, is_main=False).log(5, {"loss/D": 1.0})  # other ranks: nothing written
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+class BrokenSink:
+    """A logger that fails the way a lost connection or a full disk makes a real one fail."""
+
+    calls = 0
+
+    def log(self, step, metrics):
+        BrokenSink.calls += 1
+        raise OSError(28, "No space left on device")
+
+    def close(self, exit_code, preempted):
+        raise AssertionError("a sink switched off is not called again")
+
+
+def test_a_sink_failing_mid_run_is_switched_off_once_and_the_rows_go_on(tmp_path, capsys):
+    from distgan.tracking import Tracker
+
+    (tmp_path / "run").mkdir()
+    tracker = Tracker(tiny_config(tmp_path / "run"), is_main=True)
+    tracker.sinks["W&B"] = BrokenSink()
+    for step in (2, 4, 6):
+        tracker.log(step, {"loss/D": 1.0})
+    tracker.close()
+    err = capsys.readouterr().err
+    assert BrokenSink.calls == 1 and err.count("W&B logging failed (OSError: [Errno 28] No space left on device)") == 1
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [
+        2, 4, 6,
+    ]  # fmt: skip
+
+
+def test_the_report_leaves_out_a_grid_cut_short_and_says_so(tmp_path):
+    train(tiny_config(tmp_path / "run", **{"log.images_every": 2}))  # grids at 2, 4, 6
+    cut = tmp_path / "run" / "samples" / "step_00000004.png"
+    cut.write_bytes(cut.read_bytes()[:200])  # as a crash in the middle of a write would leave it
+    done = run_cli("distgan.report", str(tmp_path / "run"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"distgan: warning: report leaves out {cut}" in done.stderr
+    height = 2 * (34 + 2) * 2  # two rows (steps 2 and 6) of 32-pixel samples, enlarged twice
+    assert Image.open(tmp_path / "run" / "report" / "samples.png").size[1] == height
