@@ -253,13 +253,16 @@ def train(cfg: Config) -> None:
                     save_checkpoint(step)
                 tracker.print(f"stopped by a signal at step {step}; checkpoint written; the same command resumes")
                 exit_code, preempted = Stopped.EXIT_CODE, signals.received != signal.SIGINT  # Ctrl-C: not preempted
-                raise Stopped(Stopped.EXIT_CODE)
-        dist.on_every_rank(accelerator, tracker.finish, cfg.train.steps)  # summary, report
-        exit_code = 0
+                break
+        else:  # every step done
+            dist.on_every_rank(accelerator, tracker.finish, cfg.train.steps)  # summary, report
+            exit_code = 0
     finally:
         signals.restore()
         tracker.close(exit_code, preempted)  # marks a crashed or preempted W&B run as such
-    accelerator.end_training()
+    accelerator.end_training()  # every rank got here together: the process group is taken down cleanly
+    if exit_code == Stopped.EXIT_CODE:
+        raise Stopped(Stopped.EXIT_CODE)
 
 
 def versions() -> dict[str, str]:
