@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import ROOT
 from slurm_cluster import SlurmCluster, slurm_available
 from wandb_records import offline_runs
@@ -23,10 +24,11 @@ def cluster(tmp_path_factory):
         yield running
 
 
-def submit(cluster: SlurmCluster, work: Path, *args: str) -> int:
+def submit(cluster: SlurmCluster, work: Path, *args: str, launcher: str = "torchrun") -> int:
     """sbatch slurm/train.sh with 2 processes on the CPU, W&B offline, from `work` (where its log goes)."""
     work.mkdir()
     cluster.env.update(NPROC_PER_NODE="2", PYTHON=sys.executable, WANDB_MODE="offline", HOME=str(work))
+    cluster.env.update(LAUNCHER=launcher)
     script, config = ROOT / "slurm" / "train.sh", ROOT / "configs" / "digits32.yaml"
     return cluster.sbatch(
         ["--cpus-per-task=2", str(script), str(config), *TINY, f"--run.dir={work / 'run'}", *args], work
@@ -37,12 +39,13 @@ def steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_sbatch_train_sh_runs_two_processes_to_the_end(cluster, tmp_path):
-    job = submit(cluster, tmp_path / "work", "--train.steps=30")
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_sbatch_train_sh_runs_two_processes_to_the_end(cluster, tmp_path, launcher):
+    job = submit(cluster, tmp_path / "work", "--train.steps=30", launcher=launcher)
     state = cluster.wait(job, timeout=240)
     log = (tmp_path / "work" / f"distgan-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:] + cluster.log_tails()
-    assert f"distgan: job {job} (restart 0) on 1 node(s) x 2 process(es)" in log
+    assert f"distgan: job {job} (restart 0) on 1 node(s) x 2 process(es), head " in log and f", {launcher}," in log
     assert "2 process(es) on cpu, fp32, batch 16 (8 per process), synced batch norm" in log
     assert steps(tmp_path / "work" / "run") == [10, 20, 30]
     assert (tmp_path / "work" / "run" / "checkpoints" / "step_00000030.pt").exists()
@@ -68,3 +71,19 @@ def test_usr1_requeues_the_job_which_resumes_and_completes_without_repeating_a_s
     assert steps(tmp_path / "work" / "run") == list(range(10, 601, 10))  # every step once
     [first, second] = offline_runs(tmp_path / "work" / "run")  # the same W&B run, continued
     assert first.parent.name.split("-")[-1] == second.parent.name.split("-")[-1]
+
+
+def test_sweep_submits_one_job_per_value_each_with_its_run_directory(cluster, tmp_path):
+    import subprocess
+
+    env = {**cluster.env, "PYTHON": sys.executable, "WANDB_MODE": "disabled", "NPROC_PER_NODE": "1"}
+    sweep = [str(ROOT / "slurm" / "sweep.sh"), "lr", str(ROOT / "configs" / "digits32.yaml"), "optim.lr_g"]
+    command = [*sweep, "1e-4", "3e-4", "--", "--cpus-per-task=1", "--", *TINY, "--train.steps=10"]
+    jobs = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert len(jobs) == 2
+    assert [cluster.wait(int(job), timeout=240) for job in jobs] == ["COMPLETED", "COMPLETED"], cluster.log_tails()
+    for value in ("1e-4", "3e-4"):
+        run_dir = tmp_path / "runs" / "lr" / f"optim.lr_g={value}"
+        assert steps(run_dir) == [10]
+        written = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert written["optim"]["lr_g"] == float(value) and written["log"]["group"] == "lr"
