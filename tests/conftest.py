@@ -2,6 +2,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # W&B is off in every test (and every process a test starts) unless the test turns it on: see wandb_env.
 os.environ["WANDB_MODE"] = "disabled"
+# One cache for the whole test session (and its subprocesses), never the user's: see distgan/cache.py.
+os.environ["DISTGAN_CACHE"] = tempfile.mkdtemp(prefix="distgan-test-cache-")
 
 
 @pytest.fixture
