@@ -19,7 +19,8 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-DATA_SOURCES = ("digits", "synthetic", "shards", "folder")
+DATA_SOURCES = ("digits", "synthetic", "shards", "folder", "ring8", "grid25")
+POINT_SOURCES = ("ring8", "grid25")  # 2-D Gaussian mixtures (distgan/toy.py), for the MLP GAN
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -61,7 +62,7 @@ class DataConfig:
         "",
         "shards: a manifest.json, a folder of shards, a brace pattern or pipe: URLs; folder: a folder of images.",
     )
-    num_samples: int = opt(10_000, "Size of the synthetic data set.", minimum=1)
+    num_samples: int = opt(10_000, "Size of the synthetic image set, or of the ring8/grid25 point set.", minimum=1)
     workers: int = opt(4, "Loader processes per rank, shards and folder (0: load in the training process).", minimum=0)
     shuffle_buffer: int = opt(
         5000, "Samples each shard reader shuffles among (prepare shuffled the shards).", minimum=1
@@ -86,6 +87,15 @@ class TrainConfig:
         "nonsaturating",
         "GAN loss: nonsaturating (BCE, G maximises log D(G(z))), minimax (G minimises log(1 - D(G(z)))), hinge.",
         choices=("nonsaturating", "minimax", "hinge"),
+    )
+    ema_halflife_images: float = opt(
+        10_000.0,
+        "Half-life of G_ema, the moving average of G's weights that samples and evaluations use, in images "
+        "(0: G_ema is G).",
+        minimum=0.0,
+    )
+    ema_rampup: float = opt(
+        0.05, "Early on, cap the G_ema half-life at this times the images seen so far (0: no ramp-up).", minimum=0.0
     )
 
 
@@ -130,6 +140,28 @@ class LogConfig:
     report: bool = opt(True, "At the end, write run.dir/report (plots; python -m distgan.report does it any time).")
 
 
+EVAL_METRICS = ("auto", "digits", "modes", "fid", "kid", "fgsm")
+
+
+@dataclass
+class EvalConfig:
+    every: int = opt(
+        1000, "Compute eval.metrics on G_ema's samples every this many steps and at the end (0: never).", minimum=0
+    )
+    metrics: list[str] = opt(
+        ["auto"],
+        "Metrics logged during training: auto (digits for data.source digits, modes for ring8/grid25, none "
+        f"otherwise), or any of {', '.join(EVAL_METRICS[1:])}.",
+    )
+    num_samples: int = opt(2500, "Generated samples per evaluation (the ring/grid protocol: 2,500).", minimum=1)
+    num_real: int = opt(10_000, "FID/KID: at most this many real images for the reference statistics.", minimum=2)
+    batch_size: int = opt(250, "Samples per forward pass and rank when evaluating.", minimum=1)
+    inception_weights: str = opt(
+        "",
+        "FID/KID: the local Inception file pt_inception-2015-12-05-6726825d.pth (empty: $DISTGAN_INCEPTION_WEIGHTS).",
+    )
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -140,6 +172,7 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def iter_fields(cls: type = Config, prefix: str = ""):
@@ -231,6 +264,29 @@ def validate(cfg: Config) -> None:
         raise ConfigError("log.tensorboard needs the tensorboard package: pip install tensorboard")
     if not cfg.model.mlp_hidden or min(cfg.model.mlp_hidden) < 1:
         raise ConfigError(f"config key 'model.mlp_hidden' needs positive sizes; got {cfg.model.mlp_hidden}")
+    points = cfg.data.source in POINT_SOURCES
+    if points and cfg.model.arch != "mlp":
+        raise ConfigError(f"data.source '{cfg.data.source}' holds 2-D points: it needs model.arch mlp")
+    if points and cfg.data.hflip:
+        raise ConfigError(f"data.hflip mirrors images; data.source '{cfg.data.source}' holds 2-D points")
+    unknown = [m for m in cfg.eval.metrics if m not in EVAL_METRICS]
+    if unknown:
+        raise ConfigError(f"config key 'eval.metrics': unknown {unknown}; choose from {', '.join(EVAL_METRICS)}")
+    metrics = eval_metrics(cfg)
+    if "modes" in metrics and not points:
+        raise ConfigError("eval.metrics 'modes' needs data.source ring8 or grid25")
+    image_only = [m for m in metrics if m in ("digits", "fid", "kid") and points]
+    if image_only:
+        raise ConfigError(f"eval.metrics {image_only} need images; data.source '{cfg.data.source}' holds points")
+    if "digits" in metrics and cfg.model.channels != 1:
+        raise ConfigError("eval.metrics 'digits' scores grayscale digits; model.channels is 3")
+
+
+def eval_metrics(cfg: Config) -> list[str]:
+    """The metrics to compute during training: eval.metrics with `auto` resolved for the data source."""
+    if cfg.eval.metrics != ["auto"]:
+        return [m for m in cfg.eval.metrics if m != "auto"]
+    return {"digits": ["digits"], "ring8": ["modes"], "grid25": ["modes"]}.get(cfg.data.source, [])
 
 
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
@@ -261,6 +317,18 @@ def to_yaml(cfg: Config) -> str:
 def from_dict(data: dict) -> Config:
     """Rebuild a typed config from to_dict's output (e.g. stored in a checkpoint)."""
     return OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, origin="stored config"))
+
+
+def flag(value: Any, name: str) -> bool:
+    """A command-line boolean: fire passes --x=false as the string 'false'; accept true/false/yes/no/1/0."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1"):
+        return True
+    if text in ("false", "no", "0"):
+        return False
+    raise ConfigError(f"--{name} takes true or false; got {value!r}")
 
 
 def run_command(fn, name: str, argv: list[str], usage: str | None = None) -> None:

@@ -112,8 +112,17 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
-    """Generator and discriminator for a model config, initialised (seed the global RNG first)."""
+def build_models(cfg: ModelConfig, points: bool = False) -> tuple[nn.Module, nn.Module]:
+    """Generator and discriminator for a model config, initialised (seed the global RNG first).
+
+    points: the MLP pair for 2-D points (the ring and grid mixtures): unbounded outputs, no Tanh.
+    """
+    if points:
+        if cfg.arch != "mlp":
+            raise ValueError("2-D points need model.arch mlp")
+        return MLPGenerator(cfg.nz, cfg.mlp_hidden, (2,), tanh=False), MLPDiscriminator(
+            (2,), cfg.mlp_hidden[::-1], cfg.mlp_dropout
+        )
     shape = (cfg.channels, cfg.image_size, cfg.image_size)
     if cfg.arch == "dcgan":
         g = Generator(cfg.nz, cfg.ngf, cfg.channels, cfg.image_size)
@@ -126,3 +135,13 @@ def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     else:
         raise ValueError(f"unknown model.arch {cfg.arch!r}")
     return g, d
+
+
+@torch.no_grad()
+def generate(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Samples of G in eval mode (BatchNorm running statistics), without touching its training state."""
+    was_training = G.training
+    G.eval()
+    images = G(z)
+    G.train(was_training)
+    return images

@@ -4,6 +4,8 @@ python -m distgan.report RUN_DIR    writes RUN_DIR/report/:
   losses.png         loss/D and loss/G over steps
   discriminator.png  D(x) and D(G(z)) before and after the D step, with 0.5, where they should drift, marked
   samples.png        the fixed-noise samples over training: one row of 8 per sample grid, oldest at the top
+                     (image models; a 2-D point model's scatter plots are in samples/ and samples_ema/)
+  eval_*.png         evaluation metrics logged every eval.every steps (digits score, modes, FID), when any
 Training writes it at the end (log.report).
 """
 
@@ -14,7 +16,7 @@ import math
 import sys
 from pathlib import Path
 
-from distgan.config import ConfigError, run_command
+from distgan.config import POINT_SOURCES, ConfigError, run_command
 
 PLOT_SIZE = (800, 450)  # pixels
 STRIP_ROWS = 8  # sample grids shown, evenly spaced over training
@@ -22,6 +24,12 @@ STRIP_COLUMNS = 8  # samples per grid shown (the first row of its 8x8 grid)
 LABEL_WIDTH = 100  # pixels of the "step N" column
 MIN_CELL = 64  # small samples are enlarged to at least this many pixels
 GRID_PADDING = 2  # torchvision's make_grid default, used by tracking.Tracker.images
+EVAL_PLOTS = (  # (metric keys and labels, title, file) of report/eval*.png, drawn when the run logged them
+    ({"digits/fd": "Fréchet distance, digits classifier features"}, "Digits score of G_ema (lower is better)",
+     "eval_digits.png"),
+    ({"modes/covered": "modes covered"}, "Modes covered by G_ema", "eval_modes.png"),
+    ({"eval/fid": "FID"}, "FID of G_ema", "eval_fid.png"),
+)  # fmt: skip
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -119,10 +127,24 @@ def write_report(run_dir: str | Path) -> Path:
         out / "discriminator.png",
         reference=(0.5, "0.5: D cannot tell real from fake"),
     )
+    for keys, title, name in EVAL_PLOTS:
+        if any(key in row for row in rows for key in keys):
+            plot(rows, keys, title, "", out / name)
     grids = sorted((run_dir / "samples").glob("step_*.png"))
-    if grids:
+    if grids and not _generates_points(run_dir):
         sample_strip(grids, out / "samples.png")
     return out
+
+
+def _generates_points(run_dir: Path) -> bool:
+    """Whether the run's saved config is a 2-D point model (its sample "grids" are scatter plots)."""
+    import yaml
+
+    try:
+        source = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["source"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return False
+    return source in POINT_SOURCES
 
 
 def main(run_dir: str) -> None:

@@ -11,6 +11,7 @@ import torch
 
 # Purposes; never renumber (it would change every run).
 DATA_ORDER, NOISE, FIXED_NOISE, SYNTHETIC, PREPARE_ORDER, SHUFFLE_BUFFER, FLIP, RESEED = 1, 2, 3, 4, 5, 6, 7, 8
+EVAL_NOISE = 9
 
 
 def derive_seed(*keys: int) -> int:
@@ -31,3 +32,8 @@ def noise(seed: int, step: int, batch_size: int, nz: int) -> torch.Tensor:
 def fixed_noise(seed: int, num: int, nz: int) -> torch.Tensor:
     """The fixed latent batch (num, nz) whose samples are drawn as grids through training."""
     return torch.randn(num, nz, generator=generator(seed, FIXED_NOISE))
+
+
+def eval_noise(seed: int, num: int, nz: int) -> torch.Tensor:
+    """The latent vectors (num, nz) of an evaluation: the same samples at every step, world size and restart."""
+    return torch.randn(num, nz, generator=generator(seed, EVAL_NOISE))

@@ -1,8 +1,13 @@
-"""Draw samples from a checkpoint's generator.
+"""Draw samples from a checkpoint's generator (G_ema by default).
 
-    python -m distgan.sample --checkpoint FILE --num N --out FILE.png|FILE.npz [--seed S] [--batch_size B]
+    python -m distgan.sample --checkpoint FILE --num N --out FILE.png|FILE.npz [--seed S] [--ema true|false]
+                             [--interpolate STEPS] [--batch_size B]
 
-PNG: one grid of N images. npz: one uint8 array `images` of shape (N, H, W, C).
+Image models: PNG writes one grid of N images; npz one uint8 array `images` of shape (N, H, W, C).
+--interpolate STEPS: N rows of STEPS images each, walking the latent sphere (slerp) from one random latent
+vector to another; the PNG has one row per walk, the npz holds the N * STEPS images row by row.
+2-D point models (data.source ring8 or grid25): npz holds one float32 array `samples` of shape (N, 2); PNG is a
+scatter plot of the N points over the mixture's modes.
 """
 
 from __future__ import annotations
@@ -15,28 +20,48 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from distgan.checkpoint import load as load_checkpoint
-from distgan.config import ConfigError, from_dict, run_command
-from distgan.models import build_models
-from distgan.train import generate
+from distgan.config import POINT_SOURCES, ConfigError, flag, run_command
+from distgan.models import generate
 
 FORMATS = (".png", ".npz")
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, int]:
-    """The generator of a checkpoint, on device and in eval mode, and its latent size."""
-    state = load_checkpoint(path)
-    cfg = from_dict(state["config"])
-    G, _ = build_models(cfg.model)
-    G.load_state_dict(state["G"])
-    return G.to(device).eval(), cfg.model.nz
+def load_generator(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
+    """The generator of a checkpoint (G_ema unless ema is False), on device and in eval mode, and its config."""
+    from distgan.eval import load_models
+
+    cfg, G, _ = load_models(path, ema)
+    return G.to(device).eval(), cfg
 
 
 def sample(G: torch.nn.Module, nz: int, num: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """num samples in [-1, 1], (num, C, H, W), from seeded latent vectors."""
+    """num samples, (num, C, H, W) images in [-1, 1] or (num, 2) points, from seeded latent vectors."""
+    return generate_from(G, torch.randn(num, nz, generator=torch.Generator().manual_seed(seed)), batch_size)
+
+
+def generate_from(G: torch.nn.Module, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """G's outputs for the latent vectors z (N, nz), in batches, on the CPU."""
     device = next(G.parameters()).device
-    z = torch.randn(num, nz, generator=torch.Generator().manual_seed(seed))
     return torch.cat([generate(G, chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
+    """Spherical interpolation from each row of a to the same row of b (R, nz) in `steps` points: (R, steps, nz).
+
+    Gaussian latent vectors lie near a sphere; a straight line between two of them passes through the
+    low-density middle (White 2016), a great-circle arc does not. Norms are interpolated linearly.
+    """
+    t = torch.linspace(0, 1, steps)[None, :, None]  # (1, steps, 1)
+    na, nb = a.norm(dim=1, keepdim=True), b.norm(dim=1, keepdim=True)  # (R, 1)
+    ua, ub = a / na, b / nb
+    omega = torch.acos((ua * ub).sum(1, keepdim=True).clamp(-1, 1))[:, None]  # (R, 1, 1)
+    sin_omega = torch.sin(omega)
+    parallel = sin_omega.abs() < 1e-6  # the same direction: the arc is a point, use the line
+    wa = torch.where(parallel, 1 - t, torch.sin((1 - t) * omega) / sin_omega.where(~parallel, 1.0))
+    wb = torch.where(parallel, t, torch.sin(t * omega) / sin_omega.where(~parallel, 1.0))
+    direction = wa * ua[:, None] + wb * ub[:, None]  # (R, steps, nz)
+    direction = direction / direction.norm(dim=2, keepdim=True)
+    return direction * ((1 - t) * na[:, None] + t * nb[:, None])
 
 
 def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
@@ -44,26 +69,51 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
     return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def main(checkpoint: str, num: int = 64, out: str = "samples.png", seed: int = 0, batch_size: int = 256) -> None:
-    """Write num samples of the checkpoint's generator to out (.png grid or .npz uint8 N x H x W x C)."""
-    out_path = Path(out)
+def main(
+    checkpoint: str,
+    num: int = 64,
+    out: str = "samples.png",
+    seed: int = 0,
+    batch_size: int = 256,
+    ema: bool = True,
+    interpolate: int = 0,
+) -> None:
+    """Write samples of the checkpoint's generator to out (see the module docstring)."""
+    out_path, ema = Path(out), flag(ema, "ema")
     if out_path.suffix not in FORMATS:
         raise ConfigError(f"--out must end in {' or '.join(FORMATS)}; got {out}")
     if not Path(checkpoint).is_file():
         raise ConfigError(f"checkpoint not found: {checkpoint}")
     if num < 1:
         raise ConfigError(f"--num must be >= 1; got {num}")
+    if interpolate == 1 or interpolate < 0:
+        raise ConfigError(f"--interpolate needs at least 2 steps (0: no interpolation); got {interpolate}")
     try:
-        G, nz = load_generator(checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+        G, cfg = load_generator(checkpoint, "cuda" if torch.cuda.is_available() else "cpu", ema)
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
-    images = sample(G, nz, num, seed, batch_size)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    if out_path.suffix == ".npz":
-        np.savez(out_path, images=to_uint8_nhwc(images))
+    points = cfg.data.source in POINT_SOURCES
+    if interpolate and points:
+        raise ConfigError("--interpolate draws image grids; this checkpoint's model generates 2-D points")
+    if interpolate:
+        ends = torch.randn(2, num, cfg.model.nz, generator=torch.Generator().manual_seed(seed))
+        z = slerp(ends[0], ends[1], interpolate).flatten(0, 1)  # (num * steps, nz), row by row
+        samples, per_row = generate_from(G, z, batch_size), interpolate
     else:
-        save_image(images, out_path, nrow=math.ceil(math.sqrt(num)), normalize=True, value_range=(-1, 1))
-    print(f"wrote {num} samples to {out_path}")
+        samples, per_row = sample(G, cfg.model.nz, num, seed, batch_size), math.ceil(math.sqrt(num))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    if points and out_path.suffix == ".npz":
+        np.savez(out_path, samples=samples.numpy().astype(np.float32))
+    elif points:
+        from distgan.toy import scatter_image
+
+        save_image(scatter_image(samples, cfg.data.source).float().div(255), out_path)
+    elif out_path.suffix == ".npz":
+        np.savez(out_path, images=to_uint8_nhwc(samples))
+    else:
+        save_image(samples, out_path, nrow=per_row, normalize=True, value_range=(-1, 1))
+    which = "G_ema" if ema else "G"
+    print(f"wrote {len(samples)} samples of {which} to {out_path}")
 
 
 def cli(argv: list[str] | None = None) -> None:

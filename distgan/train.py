@@ -14,14 +14,27 @@ import torch
 from torch import nn
 
 from distgan import checkpoint, dist, rng
-from distgan.config import Config, ConfigError, describe, load_config, run_command, to_dict, to_yaml
+from distgan.config import (
+    POINT_SOURCES,
+    Config,
+    ConfigError,
+    describe,
+    eval_metrics,
+    load_config,
+    run_command,
+    to_dict,
+    to_yaml,
+)
 from distgan.data import build_source, flips, hflip, to_model_input
+from distgan.ema import EMA
+from distgan.eval import Evaluator
 from distgan.losses import d_loss, g_loss
-from distgan.models import build_models
+from distgan.models import build_models, generate
 from distgan.precision import Precision
 from distgan.tracking import Tracker, tag_console, wandb_mode, write_config
 
 NUM_FIXED_SAMPLES = 64  # an 8x8 grid
+NUM_FIXED_POINTS = 1000  # a scatter plot, for the 2-D ring and grid
 
 
 def train_step(
@@ -71,16 +84,6 @@ def train_step(
     }
 
 
-@torch.no_grad()
-def generate(G: nn.Module, z: torch.Tensor) -> torch.Tensor:
-    """Samples of G in eval mode (BatchNorm running statistics), without touching its training state."""
-    was_training = G.training
-    G.eval()
-    images = G(z)
-    G.train(was_training)
-    return images
-
-
 def check_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir {run_dir} exists and is not a directory")
@@ -118,7 +121,7 @@ def train(cfg: Config) -> None:
     checkpoint.remove_partial(run_dir, is_main)
 
     torch.manual_seed(cfg.run.seed)
-    G, D = build_models(cfg.model)
+    G, D = build_models(cfg.model, points=cfg.data.source in POINT_SOURCES)
     device = accelerator.device
     precision = Precision(dist.resolve_precision(cfg, accelerator), device)
     data = build_source(cfg, rank, world, pin_memory=device.type == "cuda")
@@ -128,6 +131,10 @@ def train(cfg: Config) -> None:
         state = resumed[1]
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
+    ema = EMA(G, cfg.train.ema_halflife_images, cfg.train.ema_rampup)  # a plain copy, before any wrapping
+    if resumed is not None and "G_ema" in state:
+        ema.load_state_dict(state["G_ema"])
+    ema.model.to(device)
     G, D = dist.wrap(accelerator, cfg, G, D)  # synced batch norm, device, DDP: every rank, same order
     D_plain = dist.unwrap(accelerator, D)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
@@ -148,7 +155,11 @@ def train(cfg: Config) -> None:
             data.load_state_dict(state["ranks"][0]["data"])
             torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.RESEED, start_step, rank))
 
-    fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_SAMPLES, cfg.model.nz).to(device)
+    points = cfg.data.source in POINT_SOURCES
+    fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_POINTS if points else NUM_FIXED_SAMPLES, cfg.model.nz)
+    fixed_z = fixed_z.to(device)
+    metrics = eval_metrics(cfg) if cfg.eval.every else []
+    evaluator = Evaluator(cfg, metrics, accelerator) if metrics else None  # FID without its weights fails here
     tracker = dist.on_every_rank(accelerator, Tracker, cfg, is_main, start_step, wandb_id, elapsed)
     synced = ", synced batch norm" if world > 1 and cfg.dist.sync_bn else ""
     tracker.print(
@@ -160,6 +171,8 @@ def train(cfg: Config) -> None:
     if resumed is not None:
         layout = "" if len(state["ranks"]) == world else f" (written by {len(state['ranks'])} processes)"
         tracker.print(f"resumed from {resumed[0]} at step {start_step}{layout}")
+        if "G_ema" not in state:
+            tracker.print("the checkpoint holds no G_ema (written before distgan kept one): G_ema starts from its G")
     if start_step >= cfg.train.steps:
         tracker.print(f"run in {run_dir} is already complete ({start_step} steps); raise train.steps to go on")
         tracker.close()
@@ -177,6 +190,7 @@ def train(cfg: Config) -> None:
             "step": step,
             "images_seen": step * cfg.train.batch_size,
             "G": dist.unwrap(accelerator, G).state_dict(),
+            "G_ema": ema.state_dict(),
             "D": D_plain.state_dict(),
             "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(),
@@ -189,7 +203,7 @@ def train(cfg: Config) -> None:
             "wandb_id": tracker.run_id,
             "elapsed": tracker.elapsed(),
         }
-        dist.check_replicas(accelerator, {"G": G, "D": D}, buffers=cfg.dist.sync_bn)
+        dist.check_replicas(accelerator, {"G": G, "D": D, "G_ema": ema.model}, buffers=cfg.dist.sync_bn)
 
         def write() -> None:
             checkpoint.save(checkpoint.path_for(run_dir, step), state, is_main)
@@ -197,8 +211,20 @@ def train(cfg: Config) -> None:
 
         dist.on_every_rank(accelerator, write)
 
-    def log_row(step: int, sums: dict[str, torch.Tensor], steps: int, seconds: float, data_wait: float) -> None:
-        """Means over the window and over ranks (one collective, one host sync), plus the run's counters."""
+    def write_samples(step: int) -> None:
+        """The fixed noise batch through G and G_ema: image grids, or scatter plots of 2-D points."""
+        for name, generator in (("samples", dist.unwrap(accelerator, G)), ("samples_ema", ema.model)):
+            samples = generate(generator, fixed_z)
+            if points:
+                from distgan.toy import scatter_image
+
+                samples = scatter_image(samples.float().cpu(), cfg.data.source)[None].float().div(127.5).sub(1)
+            dist.on_every_rank(accelerator, tracker.images, step, samples, name)
+
+    def log_row(
+        step: int, sums: dict[str, torch.Tensor], steps: int, seconds: float, data_wait: float, extra: dict
+    ) -> None:
+        """Means over the window and over ranks (one collective, one host sync), the run's counters, `extra`."""
         wait_fraction = torch.tensor([data_wait / seconds], device=device)
         local = torch.cat([torch.stack(list(sums.values())) / steps, wait_fraction])
         means = dict(zip([*sums, "data/wait_fraction"], dist.reduce_mean(accelerator, local).tolist()))
@@ -210,7 +236,7 @@ def train(cfg: Config) -> None:
         if device.type == "cuda":
             means["gpu/max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
-        dist.on_every_rank(accelerator, tracker.log, step, means)
+        dist.on_every_rank(accelerator, tracker.log, step, {**means, **extra})
 
     signals, exit_code, preempted = dist.StopSignals(), 1, False
     try:
@@ -235,16 +261,23 @@ def train(cfg: Config) -> None:
                     )
             else:
                 bad_in_a_row = 0
+            ema.update(dist.unwrap(accelerator, G), cfg.train.batch_size, step * cfg.train.batch_size)
             for k, v in stats.items():
                 sums[k] = sums[k] + v if k in sums else v
             window_steps += 1
             tracker.advance()
 
-            if step % cfg.log.every == 0 or step == cfg.train.steps:
-                log_row(step, sums, window_steps, time.perf_counter() - window_start, data_wait)
+            evaluate = evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps)
+            if step % cfg.log.every == 0 or step == cfg.train.steps or evaluate:
+                seconds, extra = time.perf_counter() - window_start, {}  # the evaluation is not training time
+                if evaluate:
+                    eval_start = time.perf_counter()
+                    extra = evaluator(ema.model, D_plain, real)
+                    extra["eval/seconds"] = time.perf_counter() - eval_start
+                log_row(step, sums, window_steps, seconds, data_wait, extra)
                 sums, window_start, window_steps, data_wait = {}, time.perf_counter(), 0, 0.0
             if step % cfg.log.images_every == 0 or step == cfg.train.steps:
-                dist.on_every_rank(accelerator, tracker.images, step, generate(dist.unwrap(accelerator, G), fixed_z))
+                write_samples(step)
             saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps
             if saved:
                 save_checkpoint(step)

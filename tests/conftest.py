@@ -15,7 +15,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # W&B is off in every test (and every process a test starts) unless the test turns it on: see wandb_env.
 os.environ["WANDB_MODE"] = "disabled"
 # One cache for the whole test session (and its subprocesses), never the user's: see distgan/cache.py.
-os.environ["DISTGAN_CACHE"] = tempfile.mkdtemp(prefix="distgan-test-cache-")
+# A spawned rank imports this file again: it keeps the cache its test chose.
+if "DISTGAN_TEST_SESSION" not in os.environ:
+    os.environ["DISTGAN_TEST_SESSION"] = "1"
+    os.environ["DISTGAN_CACHE"] = tempfile.mkdtemp(prefix="distgan-test-cache-")
 
 
 @pytest.fixture
@@ -60,6 +63,7 @@ def tiny_config(run_dir: Path, **overrides) -> Config:
         "log.progress": False,
         "log.report": False,
         "checkpoint.every": 4,
+        "eval.every": 0,
     }
     return load_config(None, {**base, **overrides})
 
@@ -138,14 +142,16 @@ def _rank_entry(fn, rank: int, world_size: int, port: int, out: str, kwargs: dic
     torch.save(result, out)
 
 
-def run_ranks(fn, tmp_path: Path, world_size: int = 2, timeout: float = 120, **kwargs) -> list:
-    """Run fn(rank, world_size, **kwargs) in world_size forked processes joined by a gloo process group.
+def run_ranks(fn, tmp_path: Path, world_size: int = 2, timeout: float = 120, start: str = "fork", **kwargs) -> list:
+    """Run fn(rank, world_size, **kwargs) in world_size processes joined by a gloo process group.
 
     Returns each rank's return value; an exception in a rank becomes the string "error: <type>: <message>".
+    start="spawn" starts fresh interpreters (fn must be importable): a forked child hangs in LAPACK calls
+    (eigvals) when the test process has already run them on its OpenMP threads.
     """
     import multiprocessing
 
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context(start)
     port, outs = free_port(), [str(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     procs = [
         ctx.Process(target=_rank_entry, args=(fn, r, world_size, port, outs[r], kwargs)) for r in range(world_size)

@@ -52,7 +52,7 @@ def test_wrong_type_names_key_and_type(key, value, expected):
 
 def test_choices_ranges_and_cross_field_rules():
     with pytest.raises(
-        ConfigError, match="'data.source' must be one of digits, synthetic, shards, folder; got 'mnist'"
+        ConfigError, match="'data.source' must be one of digits, synthetic, shards, folder, ring8, grid25; got 'mnist'"
     ):
         load_config(None, {"data.source": "mnist"})
     with pytest.raises(ConfigError, match="'model.image_size' must be one of 32, 64, 128"):
@@ -61,6 +61,27 @@ def test_choices_ranges_and_cross_field_rules():
         load_config(None, {"train.steps": 0})
     with pytest.raises(ConfigError, match="'digits' has 1 channel but model.channels is 3"):
         load_config(None, {"model.channels": 3})
+
+
+def test_point_sources_and_eval_metric_rules():
+    from distgan.config import eval_metrics
+
+    with pytest.raises(ConfigError, match="'ring8' holds 2-D points: it needs model.arch mlp"):
+        load_config(None, {"data.source": "ring8"})
+    with pytest.raises(ConfigError, match="data.hflip mirrors images"):
+        load_config(None, {"data.source": "grid25", "model.arch": "mlp", "data.hflip": True})
+    with pytest.raises(ConfigError, match=r"'eval.metrics': unknown \['fidd'\]"):
+        load_config(None, {"eval.metrics": ["fidd"]})
+    with pytest.raises(ConfigError, match="'modes' needs data.source ring8 or grid25"):
+        load_config(None, {"eval.metrics": ["modes"]})
+    with pytest.raises(ConfigError, match=r"\['digits'\] need images"):
+        load_config(None, {"data.source": "ring8", "model.arch": "mlp", "eval.metrics": ["digits"]})
+    with pytest.raises(ConfigError, match="'digits' scores grayscale digits"):
+        load_config(None, {"data.source": "synthetic", "model.channels": 3, "eval.metrics": ["digits"]})
+    assert eval_metrics(load_config(None)) == ["digits"]  # auto, for the digits
+    assert eval_metrics(load_config(None, {"data.source": "grid25", "model.arch": "mlp"})) == ["modes"]
+    assert eval_metrics(load_config(None, {"data.source": "synthetic"})) == []  # FID needs a weights file: opt in
+    assert eval_metrics(load_config(None, {"eval.metrics": ["fid", "kid"]})) == ["fid", "kid"]
 
 
 def test_bad_files(tmp_path):

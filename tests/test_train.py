@@ -16,7 +16,7 @@ def final_state(run_dir):
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
-    for net in ("G", "D"):
+    for net in ("G", "D", "G_ema"):
         assert a[net].keys() == b[net].keys()
         for name in a[net]:
             assert torch.equal(a[net][name], b[net][name]), f"{net}.{name} differs"

@@ -1,9 +1,11 @@
-"""Data sources. Every source yields uint8 batches (B, C, H, W) for this rank; `to_model_input` moves a batch
-to the device and scales it to [-1, 1] there, so the host never touches floats.
+"""Data sources. Image sources yield uint8 batches (B, C, H, W) for this rank; `to_model_input` moves a batch
+to the device and scales it to [-1, 1] there, so the host never touches floats. Point sources yield float32
+(B, 2) batches, which `to_model_input` moves unchanged.
 
     digits, synthetic   in memory (sources.py), sliced from seeded global batches (indexed.py)
     folder              image files decoded on the fly by DataLoader workers (folder.py + indexed.py)
     shards              WebDataset tars written by `python -m distgan.data.prepare` (shards.py)
+    ring8, grid25       2-D Gaussian mixture points, drawn once in memory (distgan/toy.py + indexed.py)
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from distgan.data.folder import FolderImages
 from distgan.data.indexed import IndexedBatches
 from distgan.data.shards import ShardBatches, resolve
 from distgan.data.sources import SyntheticImages, TensorImages, load_digits
+from distgan.toy import MIXTURES, PointSet
 
 
 def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
@@ -32,13 +35,17 @@ def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bo
         images, workers = TensorImages(load_digits(size)), 0
     elif d.source == "synthetic":
         images, workers = SyntheticImages(d.num_samples, size, channels, cfg.run.seed), 0
+    elif d.source in MIXTURES:
+        images, workers = PointSet(d.source, d.num_samples, cfg.run.seed), 0
     else:
         raise ValueError(f"data.source {d.source!r} is not implemented")
     return IndexedBatches(images, cfg.train.batch_size, cfg.run.seed, rank, world_size, workers)
 
 
 def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, C, H, W) on the host -> float32 in [-1, 1] on device."""
+    """uint8 images (B, C, H, W) on the host -> float32 in [-1, 1] on device; float points (B, 2) -> float32 as is."""
+    if batch.dtype != torch.uint8:
+        return batch.to(device, torch.float32, non_blocking=True)
     return batch.to(device, non_blocking=True).float().mul_(2 / 255).sub_(1.0)
 
 

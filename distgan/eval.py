@@ -1,0 +1,313 @@
+"""Evaluate a generator: FID/KID, the digits score, ring/grid mode coverage and an FGSM probe of D.
+
+    python -m distgan.eval --checkpoint FILE [--metrics=fid,kid,digits,modes,fgsm] [--num_samples N]
+                           [--ema true|false] [--inception_weights FILE] [--out FILE.json]
+
+Runs in one process or under torchrun / accelerate launch: every rank generates its share of the samples and
+extracts their features; the results are gathered so that every rank computes the same numbers and rank 0
+prints them (and writes --out). With no --metrics, the checkpoint's own eval.metrics (auto: digits for the
+digits, modes for ring8/grid25). Training calls the same Evaluator every eval.every steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+
+from distgan import dist, rng
+from distgan.config import EVAL_METRICS, POINT_SOURCES, Config, ConfigError, eval_metrics, flag, from_dict, run_command
+from distgan.models import generate
+
+
+class Evaluator:
+    """The metrics of one run's generator; every rank calls it at the same points and gets the same numbers.
+
+    The latent vectors are fixed (rng.eval_noise), so evaluations at different steps differ only by the
+    generator. The Inception network and the reference features are loaded once, on first use. `extractor`
+    replaces Inception for FID/KID (a small stand-in network in tests); `extractor_id` then names it in the
+    reference cache key.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        metrics: list[str],
+        accelerator: Accelerator | None = None,
+        extractor: nn.Module | None = None,
+        extractor_id: str = "",
+    ):
+        self.cfg, self.metrics, self.accelerator = cfg, list(metrics), accelerator
+        self.rank = accelerator.process_index if accelerator else 0
+        self.world = accelerator.num_processes if accelerator else 1
+        self.device = accelerator.device if accelerator else torch.device("cpu")
+        self.z = rng.eval_noise(cfg.run.seed, cfg.eval.num_samples, cfg.model.nz)  # (N, nz)
+        self._extractor, self._extractor_id = extractor, extractor_id
+        self._real_features: torch.Tensor | None = None
+        if {"fid", "kid"} & set(self.metrics) and extractor is None:
+            from distgan.fid import INCEPTION_SHA256, inception_weights_path
+
+            self.inception_path = inception_weights_path(cfg.eval.inception_weights)  # fails early, on every rank
+            self._extractor_id = f"inception {INCEPTION_SHA256}"
+
+    def local_samples(self, G: nn.Module) -> torch.Tensor:
+        """This rank's share of the evaluation samples, (n, C, H, W) images or (n, 2) points, on the device."""
+        from distgan.fid import split_for_rank
+
+        share = split_for_rank(self.cfg.eval.num_samples, self.rank, self.world)
+        z = self.z[share.start : share.stop]
+        chunks = [generate(G, chunk.to(self.device)).float() for chunk in z.split(self.cfg.eval.batch_size)]
+        return torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
+
+    def gather(self, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows in rank order, on the CPU of every rank (every rank must call it)."""
+        if self.accelerator is None:
+            return local.cpu()
+        return torch.cat(dist.gather_objects(self.accelerator, local.cpu()))
+
+    def __call__(self, G: nn.Module, D: nn.Module | None = None, real: torch.Tensor | None = None) -> dict[str, float]:
+        """The metrics of G (G_ema, usually); D and a batch of real model inputs for the FGSM probe."""
+        local = self.local_samples(G)
+        results: dict[str, float] = {}
+        if "digits" in self.metrics or "modes" in self.metrics:
+            samples = self.gather(local)
+            if "digits" in self.metrics:
+                from distgan.digits_score import digits_score
+
+                results.update(digits_score(samples))
+            if "modes" in self.metrics:
+                from distgan.toy import mode_metrics
+
+                modes = mode_metrics(samples, self.cfg.data.source)
+                results["modes/covered"] = float(modes["modes_covered"])
+                results["modes/hit"] = float(modes["modes_hit"])
+                results["modes/high_quality"] = float(modes["high_quality"])
+                results["modes/kl"] = float(modes["mode_kl"])
+        if {"fid", "kid"} & set(self.metrics):
+            results.update(self.fid_kid(local))
+        if "fgsm" in self.metrics:
+            if D is None or real is None:
+                raise ValueError("the fgsm probe needs D and a batch of real inputs")
+            from distgan.adversarial import probe
+
+            # Each rank probes its own real batch; the means over ranks are the global means (equal batch sizes).
+            local_probe = probe(D, [real])
+            means = torch.tensor(list(local_probe.values()), device=self.device, dtype=torch.float64)
+            if self.accelerator is not None:
+                means = dist.reduce_mean(self.accelerator, means)
+            results.update(zip(local_probe, means.tolist()))
+        return results
+
+    def fid_kid(self, local: torch.Tensor) -> dict[str, float]:
+        from distgan.fid import extract_features, fid_kid, load_inception, reference_features, to_inception_input
+
+        if self._extractor is None:
+            self._extractor = load_inception(self.inception_path)
+        self._extractor.to(self.device)
+        batches = (to_inception_input(chunk) for chunk in local.split(self.cfg.eval.batch_size))
+        fake = extract_features(self._extractor, batches, self.accelerator)
+        if self._real_features is None:
+            key, _, reader = reference_set(self.cfg)
+
+            def extract() -> torch.Tensor:
+                real_batches = (
+                    to_inception_input(b.to(self.device).float().mul(2 / 255).sub(1))
+                    for b in reader(self.rank, self.world, self.cfg.eval.batch_size)
+                )
+                return extract_features(self._extractor, real_batches, self.accelerator)
+
+            is_writer = self.accelerator is None or self.accelerator.is_local_main_process  # one per node's cache
+            key = [*key, self._extractor_id]
+            self._real_features = reference_features(key, extract, self.accelerator, is_writer)
+        scores = fid_kid(self._real_features, fake)
+        out = {}
+        if "fid" in self.metrics:
+            out["eval/fid"] = float(scores["fid"])
+        if "kid" in self.metrics:
+            out["eval/kid"], out["eval/kid_std"] = float(scores["kid_mean"]), float(scores["kid_std"])
+        return out
+
+
+def reference_set(cfg: Config) -> tuple[list[str], int, callable]:
+    """What defines the real images FID/KID compare against (the cache key), how many, and a per-rank reader.
+
+    The reference is the first eval.num_real images of the data source in a fixed order (the manifest's shard
+    order for shards, sorted file names for a folder), read without shuffling or flips; the reader gives rank r
+    of w its contiguous share as uint8 (B, C, S, S) batches, so the set is the same for every world size.
+    """
+    d, size, channels = cfg.data, cfg.model.image_size, cfg.model.channels
+    common = [f"size {size}", f"channels {channels}"]
+    if d.source == "shards":
+        from distgan.data.shards import resolve
+
+        shard_set = resolve(d.path)
+        count = min(cfg.eval.num_real, shard_set.num_samples)
+        manifest = Path(d.path) if Path(d.path).is_file() else Path(d.path) / "manifest.json"
+        identity = manifest.read_text() if manifest.is_file() else repr([(s.url, s.samples) for s in shard_set.shards])
+        key = ["shards", identity, *common, f"count {count}"]
+        return key, count, lambda rank, world, batch: _shard_images(shard_set, count, rank, world, batch, cfg)
+    if d.source == "digits":
+        from distgan.data.sources import TensorImages, load_digits
+
+        images, key = TensorImages(load_digits(size)), ["digits", "sklearn load_digits bilinear"]
+    elif d.source == "synthetic":
+        from distgan.data.sources import SyntheticImages
+
+        images = SyntheticImages(d.num_samples, size, channels, cfg.run.seed)
+        key = ["synthetic", f"seed {cfg.run.seed}", f"num {d.num_samples}"]
+    elif d.source == "folder":
+        from distgan.data.folder import FolderImages
+
+        images = FolderImages(d.path, size, channels)
+        stats = [f"{f.relative_to(d.path)} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in images.files]
+        key = ["folder", str(Path(d.path).resolve()), *stats]
+    else:
+        raise ConfigError(f"FID/KID need images; data.source '{d.source}' holds none")
+    count = min(cfg.eval.num_real, len(images))
+    return (
+        [*key, *common, f"count {count}"],
+        count,
+        lambda rank, world, batch: _indexed_images(images, count, rank, world, batch),
+    )
+
+
+def _indexed_images(images, count: int, rank: int, world: int, batch: int) -> Iterator[torch.Tensor]:
+    from distgan.fid import split_for_rank
+
+    share = split_for_rank(count, rank, world)
+    for start in range(share.start, share.stop, batch):
+        yield images.get(torch.arange(start, min(start + batch, share.stop)))[0]
+
+
+def _shard_images(shard_set, count: int, rank: int, world: int, batch: int, cfg: Config) -> Iterator[torch.Tensor]:
+    """Rank's share of the first `count` decodable images of the shards, in shard order, in batches."""
+    from distgan.data.shards import tar_samples
+    from distgan.fid import split_for_rank
+
+    share = split_for_rank(count, rank, world)
+    index, pending = 0, []
+    for shard in shard_set.shards:
+        if index >= share.stop:
+            break
+        if index + shard.samples <= share.start:  # a shard wholly before this rank's share: not even opened
+            index += shard.samples
+            continue
+        for sample in tar_samples(shard.url):
+            if share.start <= index < share.stop:
+                pending.append(sample)
+                if len(pending) == batch:
+                    yield _decoded(pending, cfg)
+                    pending = []
+            index += 1
+            if index >= share.stop:
+                break
+    if pending:
+        yield _decoded(pending, cfg)
+
+
+def _decoded(samples: list[dict], cfg: Config) -> torch.Tensor:
+    from distgan.data.shards import decode
+
+    images = [image for image in decode(samples, cfg.model.channels) if not isinstance(image, str)]
+    size = cfg.model.image_size
+    resized = [
+        image if image.shape[-1] == size else F.interpolate(image[None].float(), (size, size), mode="area")[0].byte()
+        for image in images
+    ]
+    return torch.stack(resized)
+
+
+def load_models(path: str | Path, ema: bool = True) -> tuple[Config, nn.Module, nn.Module]:
+    """The config, generator (G_ema unless ema is False; G for checkpoints without one) and D of a checkpoint."""
+    from distgan.checkpoint import load as load_checkpoint
+    from distgan.models import build_models
+
+    state = load_checkpoint(path)
+    cfg = from_dict(state["config"])
+    G, D = build_models(cfg.model, points=cfg.data.source in POINT_SOURCES)
+    G.load_state_dict(state["G_ema"] if ema and "G_ema" in state else state["G"])
+    D.load_state_dict(state["D"])
+    return cfg, G.eval(), D.eval()
+
+
+def parse_metrics(metrics: str | list | tuple | None, cfg: Config) -> list[str]:
+    """--metrics fid,kid (fire passes a tuple) or a list; None: the checkpoint's eval.metrics."""
+    if metrics is None:
+        return eval_metrics(cfg)
+    names = metrics.split(",") if isinstance(metrics, str) else [str(m) for m in metrics]
+    names = [n.strip() for n in names if n.strip()]
+    unknown = [n for n in names if n not in EVAL_METRICS or n == "auto"]
+    if unknown:
+        raise ConfigError(f"--metrics: unknown {unknown}; choose from {', '.join(EVAL_METRICS[1:])}")
+    return names
+
+
+def main(
+    checkpoint: str,
+    metrics: str | None = None,
+    num_samples: int | None = None,
+    ema: bool = True,
+    inception_weights: str | None = None,
+    out: str | None = None,
+    batch_size: int | None = None,
+) -> None:
+    """Evaluate a checkpoint's generator (see the module docstring)."""
+    ema = flag(ema, "ema")
+    if not Path(checkpoint).is_file():
+        raise ConfigError(f"checkpoint not found: {checkpoint}")
+    try:
+        cfg, G, D = load_models(checkpoint, ema)
+    except Exception as e:
+        raise ConfigError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
+    names = parse_metrics(metrics, cfg)
+    if not names:
+        raise ConfigError(f"no metrics to compute for data.source '{cfg.data.source}': pass --metrics=...")
+    points = cfg.data.source in POINT_SOURCES
+    if "modes" in names and not points:
+        raise ConfigError("--metrics modes needs a ring8 or grid25 model")
+    if points and {"digits", "fid", "kid"} & set(names):
+        raise ConfigError(f"--metrics {names}: this model generates points, not images")
+    for key, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if value is not None:
+            if int(value) < 1:
+                raise ConfigError(f"--{key} must be >= 1; got {value}")
+            setattr(cfg.eval, key, int(value))
+    if inception_weights is not None:
+        cfg.eval.inception_weights = str(inception_weights)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    evaluator = Evaluator(cfg, names, accelerator)
+    G, D = G.to(accelerator.device), D.to(accelerator.device)
+    real = None
+    if "fgsm" in names:
+        from distgan.data import build_source, to_model_input
+
+        per_rank = math.ceil(cfg.train.batch_size / accelerator.num_processes)
+        cfg.train.batch_size = per_rank * accelerator.num_processes
+        real = to_model_input(next(build_source(cfg, accelerator.process_index, accelerator.num_processes)),
+                              accelerator.device)  # fmt: skip
+    results = evaluator(G, D, real)
+    which = "G_ema" if ema else "G"
+    if accelerator.is_main_process:
+        print(f"{checkpoint} ({which}, {cfg.eval.num_samples} samples):")
+        for key, value in results.items():
+            print(f"  {key:<28} {value:.6g}")
+        if out:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            record = {"checkpoint": str(checkpoint), "generator": which, "num_samples": cfg.eval.num_samples}
+            Path(out).write_text(json.dumps({**record, "metrics": results}, indent=2) + "\n")
+    accelerator.end_training()
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_command(main, "distgan.eval", sys.argv[1:] if argv is None else argv, usage=__doc__)
+
+
+if __name__ == "__main__":
+    cli()
