@@ -7,6 +7,7 @@ disk, which files are kept, what "the newest valid checkpoint" is, and whether a
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import random
 import re
@@ -42,8 +43,10 @@ def save(path: Path, state: dict, is_main: bool) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(state, buffer)  # in memory first: torch's zip writer turns a full disk into a RuntimeError
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

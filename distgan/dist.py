@@ -41,6 +41,9 @@ def setup(cfg: Config) -> Accelerator:
     # cpu=True also when there is no GPU: otherwise Accelerate, started by `accelerate launch --multi_gpu` on a
     # CPU-only machine, runs each process as an independent single-process job instead of joining them (gloo).
     cpu = cfg.run.device == "cpu" or not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # from the launcher: refuse before joining the group, so
+    if cfg.train.batch_size % launched:  # that no rank leaves while another is still connecting to it
+        raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the {launched} processes")
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
     if cfg.train.batch_size % accelerator.num_processes:
         raise ConfigError(
