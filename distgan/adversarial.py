@@ -62,12 +62,17 @@ def _score_sum(D: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def probe(
-    D: nn.Module, real_batches: torch.Tensor | Iterable[torch.Tensor], eps_list: Iterable[float] = (0.01, 0.03, 0.1)
+    D: nn.Module,
+    real_batches: torch.Tensor | Iterable[torch.Tensor],
+    eps_list: Iterable[float] = (0.01, 0.03, 0.1),
+    lo: float = -1.0,
+    hi: float = 1.0,
 ) -> dict[str, float]:
     """Mean D(x) = sigmoid(logit) on real images, clean and after eps-FGSM, and the drop, for each eps.
 
     Keys: fgsm/real_score, fgsm/real_score_eps{eps}, fgsm/drop_eps{eps} (eps written as by format "g": 0.03).
-    real_batches: one batch (B, C, H, W) in [-1, 1] or an iterable of such batches.
+    real_batches: one batch (B, C, H, W) in [lo, hi] (images: [-1, 1]; 2-D points: unbounded, pass -inf, inf)
+    or an iterable of such batches.
     """
     batches = [real_batches] if isinstance(real_batches, torch.Tensor) else list(real_batches)
     eps_list = list(eps_list)
@@ -80,7 +85,7 @@ def probe(
             x = batch.to(device)
             clean += _score_sum(D, x).cpu()
             for i, eps in enumerate(eps_list):
-                attacked[i] += _score_sum(D, fgsm_attack(D, x, eps, "real")).cpu()
+                attacked[i] += _score_sum(D, fgsm_attack(D, x, eps, "real", lo, hi)).cpu()
             count += x.shape[0]
     if count == 0:
         raise ValueError("probe needs at least one real image")

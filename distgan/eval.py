@@ -98,7 +98,8 @@ class Evaluator:
             from distgan.adversarial import probe
 
             # Each rank probes its own real batch; the means over ranks are the global means (equal batch sizes).
-            local_probe = probe(D, [real])
+            bounds = (-math.inf, math.inf) if self.cfg.data.source in POINT_SOURCES else (-1.0, 1.0)
+            local_probe = probe(D, [real], lo=bounds[0], hi=bounds[1])
             means = torch.tensor(list(local_probe.values()), device=self.device, dtype=torch.float64)
             if self.accelerator is not None:
                 means = dist.reduce_mean(self.accelerator, means)

@@ -126,3 +126,21 @@ def test_attack_works_under_no_grad(trained_d):
         attacked = fgsm_attack(trained_d, x, 0.03)
     assert not torch.equal(attacked, x)
     assert all(p.grad is None for p in trained_d.parameters())
+
+
+def test_probe_on_points_outside_the_image_range_moves_them_by_eps_only_when_unbounded():
+    D = nn.Sequential(nn.Linear(2, 1, bias=False), nn.Flatten(0)).double()  # (B, 2) -> logits (B,)
+    with torch.no_grad():
+        D[0].weight.copy_(torch.tensor([[0.5, 0.25]], dtype=torch.float64))
+    points = torch.tensor([[2.0, 0.0], [0.0, 2.0]], dtype=torch.float64)  # on the ring8 circle, outside [-1, 1]
+
+    def score(x: torch.Tensor) -> float:
+        return D(x).sigmoid().mean().item()
+
+    unbounded = probe(D, points, [0.01], lo=-float("inf"), hi=float("inf"))
+    moved = points - 0.01  # the gradient of the real-is-fake loss points along -w: both coordinates fall by eps
+    assert unbounded["fgsm/real_score_eps0.01"] == pytest.approx(score(moved), abs=1e-6)  # probe scores in float32
+    clamped = probe(D, points, [0.01])  # the image range would drag the points to the box
+    assert clamped["fgsm/real_score_eps0.01"] == pytest.approx(
+        score(points.clamp(-1, 1) - 0.01 * (points < 1)), abs=1e-12
+    )
