@@ -8,13 +8,15 @@ from pathlib import Path
 
 
 def cache_dir(kind: str) -> Path:
-    """$DISTGAN_CACHE/<kind>, else $XDG_CACHE_HOME/distgan/<kind>, else ~/.cache/distgan/<kind> (created)."""
+    """$DISTGAN_CACHE/<kind>, else $XDG_CACHE_HOME/distgan/<kind>, else ~/.cache/distgan/<kind>.
+
+    Not created here: a writer creates it when it writes, and warns instead of failing when it cannot (a cache
+    is an optimisation, and a read-only home must not stop a run).
+    """
     root = (
         os.environ.get("DISTGAN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "distgan"
     )
-    path = Path(root) / kind
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return Path(root) / kind
 
 
 def content_key(*parts: bytes | str) -> str:

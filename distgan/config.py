@@ -153,7 +153,7 @@ class EvalConfig:
         "Metrics logged during training: auto (digits for data.source digits, modes for ring8/grid25, none "
         f"otherwise), or any of {', '.join(EVAL_METRICS[1:])}.",
     )
-    num_samples: int = opt(2500, "Generated samples per evaluation (the ring/grid protocol: 2,500).", minimum=1)
+    num_samples: int = opt(2500, "Generated samples per evaluation (the ring/grid protocol: 2,500).", minimum=2)
     num_real: int = opt(10_000, "FID/KID: at most this many real images for the reference statistics.", minimum=2)
     batch_size: int = opt(250, "Samples per forward pass and rank when evaluating.", minimum=1)
     inception_weights: str = opt(

@@ -180,12 +180,21 @@ def _load_cached(path: Path) -> tuple[DigitsClassifier, float]:
 
 
 def _save_atomic(path: Path, model: DigitsClassifier, acc: float) -> None:
+    """Cache the classifier; a cache that cannot be written (read-only home) is a warning, not a failure."""
     # Several ranks may race here: each writes its own temp file and renames it; the last rename wins, whole.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:
+        warnings.warn(f"cannot cache the digits classifier at {path}: {e}; it is retrained next time", stacklevel=2)
+        return
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save({"state_dict": model.state_dict(), "accuracy": acc, "version": RECIPE_VERSION}, f)
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        warnings.warn(f"cannot cache the digits classifier at {path}: {e}; it is retrained next time", stacklevel=2)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

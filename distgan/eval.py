@@ -26,6 +26,10 @@ from distgan import dist, rng
 from distgan.config import EVAL_METRICS, POINT_SOURCES, Config, ConfigError, eval_metrics, flag, from_dict, run_command
 from distgan.models import generate
 
+# Part of every reference-feature cache key: change it whenever the way real images become features changes
+# (reading, resizing, quantising, the extractor's input handling), so that no stale cache is reused.
+FEATURES_VERSION = "reference-features-v1"
+
 
 class Evaluator:
     """The metrics of one run's generator; every rank calls it at the same points and gets the same numbers.
@@ -44,6 +48,8 @@ class Evaluator:
         extractor: nn.Module | None = None,
         extractor_id: str = "",
     ):
+        if extractor is not None and not extractor_id:
+            raise ValueError("a stand-in feature extractor needs an extractor_id for the reference cache key")
         self.cfg, self.metrics, self.accelerator = cfg, list(metrics), accelerator
         self.rank = accelerator.process_index if accelerator else 0
         self.world = accelerator.num_processes if accelerator else 1
@@ -52,10 +58,18 @@ class Evaluator:
         self._extractor, self._extractor_id = extractor, extractor_id
         self._real_features: torch.Tensor | None = None
         if {"fid", "kid"} & set(self.metrics) and extractor is None:
-            from distgan.fid import INCEPTION_SHA256, inception_weights_path
+            from distgan.fid import INCEPTION_SHA256, inception_weights_path, load_inception
 
-            self.inception_path = inception_weights_path(cfg.eval.inception_weights)  # fails early, on every rank
+            # Found, hash-checked and built now, not at the first evaluation; the layers' initialisation (before the
+            # file's weights replace it) must not draw from the training's RNG.
+            with self._own_rng():
+                self._extractor = load_inception(inception_weights_path(cfg.eval.inception_weights))
             self._extractor_id = f"inception {INCEPTION_SHA256}"
+
+    def _own_rng(self):
+        """Evaluation draws nothing from the global RNGs that training uses (an exact resume depends on them)."""
+        cuda = [self.device] if self.device.type == "cuda" else []
+        return torch.random.fork_rng(devices=cuda)
 
     def local_samples(self, G: nn.Module) -> torch.Tensor:
         """This rank's share of the evaluation samples, (n, C, H, W) images or (n, 2) points, on the device."""
@@ -74,6 +88,10 @@ class Evaluator:
 
     def __call__(self, G: nn.Module, D: nn.Module | None = None, real: torch.Tensor | None = None) -> dict[str, float]:
         """The metrics of G (G_ema, usually); D and a batch of real model inputs for the FGSM probe."""
+        with self._own_rng():
+            return self._evaluate(G, D, real)
+
+    def _evaluate(self, G: nn.Module, D: nn.Module | None, real: torch.Tensor | None) -> dict[str, float]:
         local = self.local_samples(G)
         results: dict[str, float] = {}
         if "digits" in self.metrics or "modes" in self.metrics:
@@ -107,10 +125,8 @@ class Evaluator:
         return results
 
     def fid_kid(self, local: torch.Tensor) -> dict[str, float]:
-        from distgan.fid import extract_features, fid_kid, load_inception, reference_features, to_inception_input
+        from distgan.fid import extract_features, fid_kid, reference_features, to_inception_input
 
-        if self._extractor is None:
-            self._extractor = load_inception(self.inception_path)
         self._extractor.to(self.device)
         batches = (to_inception_input(chunk) for chunk in local.split(self.cfg.eval.batch_size))
         fake = extract_features(self._extractor, batches, self.accelerator)
@@ -125,7 +141,7 @@ class Evaluator:
                 return extract_features(self._extractor, real_batches, self.accelerator)
 
             is_writer = self.accelerator is None or self.accelerator.is_local_main_process  # one per node's cache
-            key = [*key, self._extractor_id]
+            key = [*key, self._extractor_id, FEATURES_VERSION]
             self._real_features = reference_features(key, extract, self.accelerator, is_writer)
         scores = fid_kid(self._real_features, fake)
         out = {}
@@ -151,7 +167,9 @@ def reference_set(cfg: Config) -> tuple[list[str], int, callable]:
         shard_set = resolve(d.path)
         count = min(cfg.eval.num_real, shard_set.num_samples)
         manifest = Path(d.path) if Path(d.path).is_file() else Path(d.path) / "manifest.json"
-        identity = manifest.read_text() if manifest.is_file() else repr([(s.url, s.samples) for s in shard_set.shards])
+        identity = (
+            manifest.read_text() if manifest.is_file() else repr([_file_identity(s.url) for s in shard_set.shards])
+        )
         key = ["shards", identity, *common, f"count {count}"]
         return key, count, lambda rank, world, batch: _shard_images(shard_set, count, rank, world, batch, cfg)
     if d.source == "digits":
@@ -179,6 +197,15 @@ def reference_set(cfg: Config) -> tuple[list[str], int, callable]:
     )
 
 
+def _file_identity(url: str) -> str:
+    """A shard without a manifest (whose sha256 sums would name its content): its path, size and mtime if local."""
+    path = Path(url)
+    if path.is_file():
+        stat = path.stat()
+        return f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}"
+    return url
+
+
 def _indexed_images(images, count: int, rank: int, world: int, batch: int) -> Iterator[torch.Tensor]:
     from distgan.fid import split_for_rank
 
@@ -204,13 +231,18 @@ def _shard_images(shard_set, count: int, rank: int, world: int, batch: int, cfg:
             if share.start <= index < share.stop:
                 pending.append(sample)
                 if len(pending) == batch:
-                    yield _decoded(pending, cfg)
+                    yield from _nonempty(_decoded(pending, cfg))
                     pending = []
             index += 1
             if index >= share.stop:
                 break
     if pending:
-        yield _decoded(pending, cfg)
+        yield from _nonempty(_decoded(pending, cfg))
+
+
+def _nonempty(batch: torch.Tensor) -> Iterator[torch.Tensor]:
+    if len(batch):
+        yield batch
 
 
 def _decoded(samples: list[dict], cfg: Config) -> torch.Tensor:
@@ -219,23 +251,29 @@ def _decoded(samples: list[dict], cfg: Config) -> torch.Tensor:
     images = [image for image in decode(samples, cfg.model.channels) if not isinstance(image, str)]
     size = cfg.model.image_size
     resized = [
-        image if image.shape[-1] == size else F.interpolate(image[None].float(), (size, size), mode="area")[0].byte()
+        image if image.shape[-2:] == (size, size) else F.interpolate(image[None].float(), (size, size), mode="area")[0]
         for image in images
     ]
-    return torch.stack(resized)
+    if not resized:  # every sample of the batch was unreadable
+        return torch.empty(0, cfg.model.channels, size, size, dtype=torch.uint8)
+    return torch.stack(
+        [image.round().clamp(0, 255).byte() if image.is_floating_point() else image for image in resized]
+    )
 
 
-def load_models(path: str | Path, ema: bool = True) -> tuple[Config, nn.Module, nn.Module]:
-    """The config, generator (G_ema unless ema is False; G for checkpoints without one) and D of a checkpoint."""
+def load_models(path: str | Path, ema: bool = True) -> tuple[Config, nn.Module, nn.Module, str]:
+    """The config, generator, D and the generator's name ("G_ema", or "G" when ema is False or the checkpoint
+    predates G_ema) of a checkpoint."""
     from distgan.checkpoint import load as load_checkpoint
     from distgan.models import build_models
 
     state = load_checkpoint(path)
     cfg = from_dict(state["config"])
     G, D = build_models(cfg.model, points=cfg.data.source in POINT_SOURCES)
-    G.load_state_dict(state["G_ema"] if ema and "G_ema" in state else state["G"])
+    which = "G_ema" if ema and "G_ema" in state else "G"
+    G.load_state_dict(state[which])
     D.load_state_dict(state["D"])
-    return cfg, G.eval(), D.eval()
+    return cfg, G.eval(), D.eval(), which
 
 
 def parse_metrics(metrics: str | list | tuple | None, cfg: Config) -> list[str]:
@@ -264,7 +302,7 @@ def main(
     if not Path(checkpoint).is_file():
         raise ConfigError(f"checkpoint not found: {checkpoint}")
     try:
-        cfg, G, D = load_models(checkpoint, ema)
+        cfg, G, D, which = load_models(checkpoint, ema)
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
     names = parse_metrics(metrics, cfg)
@@ -275,10 +313,12 @@ def main(
         raise ConfigError("--metrics modes needs a ring8 or grid25 model")
     if points and {"digits", "fid", "kid"} & set(names):
         raise ConfigError(f"--metrics {names}: this model generates points, not images")
+    if "digits" in names and cfg.model.channels != 1:
+        raise ConfigError("--metrics digits scores grayscale digits; this model generates 3-channel images")
     for key, value in (("num_samples", num_samples), ("batch_size", batch_size)):
         if value is not None:
-            if int(value) < 1:
-                raise ConfigError(f"--{key} must be >= 1; got {value}")
+            if int(value) < 2:
+                raise ConfigError(f"--{key} must be >= 2; got {value}")
             setattr(cfg.eval, key, int(value))
     if inception_weights is not None:
         cfg.eval.inception_weights = str(inception_weights)
@@ -294,7 +334,6 @@ def main(
         real = to_model_input(next(build_source(cfg, accelerator.process_index, accelerator.num_processes)),
                               accelerator.device)  # fmt: skip
     results = evaluator(G, D, real)
-    which = "G_ema" if ema else "G"
     if accelerator.is_main_process:
         print(f"{checkpoint} ({which}, {cfg.eval.num_samples} samples):")
         for key, value in results.items():

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -227,8 +228,10 @@ def _load_cached(path: Path) -> torch.Tensor | None:
 
 def _save_atomic(path: Path, state: dict) -> None:
     """Write state to path through a temporary file and a rename; a failure warns (the cache is optional)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Nodes sharing a cache folder (an NFS home) may write at once: the host in the name keeps their files apart.
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()

@@ -27,11 +27,12 @@ FORMATS = (".png", ".npz")
 
 
 def load_generator(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
-    """The generator of a checkpoint (G_ema unless ema is False), on device and in eval mode, and its config."""
+    """The generator of a checkpoint (G_ema unless ema is False or it has none), on device and in eval mode, its
+    config and its name."""
     from distgan.eval import load_models
 
-    cfg, G, _ = load_models(path, ema)
-    return G.to(device).eval(), cfg
+    cfg, G, _, which = load_models(path, ema)
+    return G.to(device).eval(), cfg, which
 
 
 def sample(G: torch.nn.Module, nz: int, num: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
@@ -86,10 +87,12 @@ def main(
         raise ConfigError(f"checkpoint not found: {checkpoint}")
     if num < 1:
         raise ConfigError(f"--num must be >= 1; got {num}")
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1; got {batch_size}")
     if interpolate == 1 or interpolate < 0:
         raise ConfigError(f"--interpolate needs at least 2 steps (0: no interpolation); got {interpolate}")
     try:
-        G, cfg = load_generator(checkpoint, "cuda" if torch.cuda.is_available() else "cpu", ema)
+        G, cfg, which = load_generator(checkpoint, "cuda" if torch.cuda.is_available() else "cpu", ema)
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
     points = cfg.data.source in POINT_SOURCES
@@ -112,7 +115,6 @@ def main(
         np.savez(out_path, images=to_uint8_nhwc(samples))
     else:
         save_image(samples, out_path, nrow=per_row, normalize=True, value_range=(-1, 1))
-    which = "G_ema" if ema else "G"
     print(f"wrote {len(samples)} samples of {which} to {out_path}")
 
 

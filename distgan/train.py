@@ -159,7 +159,8 @@ def train(cfg: Config) -> None:
     fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_POINTS if points else NUM_FIXED_SAMPLES, cfg.model.nz)
     fixed_z = fixed_z.to(device)
     metrics = eval_metrics(cfg) if cfg.eval.every else []
-    evaluator = Evaluator(cfg, metrics, accelerator) if metrics else None  # FID without its weights fails here
+    # Inception for FID is found, hash-checked and loaded here; a rank that fails stops them all.
+    evaluator = dist.on_every_rank(accelerator, Evaluator, cfg, metrics, accelerator) if metrics else None
     tracker = dist.on_every_rank(accelerator, Tracker, cfg, is_main, start_step, wandb_id, elapsed)
     synced = ", synced batch norm" if world > 1 and cfg.dist.sync_bn else ""
     tracker.print(

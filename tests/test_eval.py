@@ -8,11 +8,11 @@ import pytest
 import torch
 from conftest import run_cli, run_ranks, tiny_config
 from PIL import Image
-from test_train import final_state
+from test_train import assert_same_weights, final_state
 from torch import nn
 
 from distgan import checkpoint
-from distgan.eval import Evaluator
+from distgan.eval import FEATURES_VERSION, Evaluator
 from distgan.fid import reference_path
 from distgan.report import write_report
 from distgan.sample import load_generator, slerp
@@ -75,6 +75,14 @@ def test_fid_without_the_inception_file_says_which_file_and_where(digits_run, tm
     with pytest.raises(Exception, match="pt_inception-2015-12-05-6726825d.pth"):
         train(cfg)  # fails before the first step
     assert not (tmp_path / "fid" / "checkpoints").exists()
+    junk = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    junk.write_bytes(b"not the weights")
+    cfg = tiny_config(
+        tmp_path / "junk", **{"eval.metrics": ["fid"], "eval.every": 2, "eval.inception_weights": str(junk)}
+    )
+    with pytest.raises(Exception, match="sha256"):
+        train(cfg)  # the hash is checked at start, not at the first evaluation
+    assert not (tmp_path / "junk" / "checkpoints").exists()
 
 
 class TinyFeatures(nn.Module):
@@ -98,7 +106,7 @@ def _fid_on_ranks(rank, world_size, run_dir, num_real):
     from distgan.eval import load_models
 
     final = checkpoint.list_checkpoints(run_dir)[-1]
-    cfg, G, _ = load_models(final)
+    cfg, G, _, _ = load_models(final)
     cfg.eval.num_samples, cfg.eval.num_real, cfg.eval.batch_size = 50, num_real, 16
     evaluator = Evaluator(cfg, ["fid", "kid"], Accelerator(cpu=True), TinyFeatures(), "tiny-v1")
     return evaluator(G)
@@ -120,17 +128,17 @@ def test_fid_and_kid_pipeline_with_a_stand_in_network_on_one_and_two_ranks(digit
 def test_reference_features_are_cached_by_content(digits_run, tmp_path):
     from distgan.eval import load_models, reference_set
 
-    cfg, G, _ = load_models(checkpoint.list_checkpoints(digits_run)[-1])
+    cfg, G, _, _ = load_models(checkpoint.list_checkpoints(digits_run)[-1])
     cfg.eval.num_samples, cfg.eval.num_real, cfg.eval.batch_size = 50, 123, 16
     key, count, _ = reference_set(cfg)
     assert count == 123
-    path = reference_path([*key, "tiny-v1"])
+    path = reference_path([*key, "tiny-v1", FEATURES_VERSION])
     path.unlink(missing_ok=True)
     Evaluator(cfg, ["fid"], None, TinyFeatures(), "tiny-v1")(G)
     cached = torch.load(path, weights_only=True)["features"]
     assert cached.shape == (123, 16)
     cfg.eval.num_real = 124  # another reference set: another file
-    assert reference_path([*reference_set(cfg)[0], "tiny-v1"]) != path
+    assert reference_path([*reference_set(cfg)[0], "tiny-v1", FEATURES_VERSION]) != path
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +177,8 @@ def test_sample_command_writes_points_as_float_n_by_2(ring_run, tmp_path):
     assert result.returncode == 0 and "modes/covered" in result.stdout, result.stderr[-2000:]
     result = run_cli("distgan.sample", "--checkpoint", str(final), "--interpolate", "4", "--out", "i.png", cwd=tmp_path)
     assert result.returncode == 2 and "2-D points" in result.stderr
+    result = run_cli("distgan.sample", "--checkpoint", str(final), "--batch_size", "0", "--out", "p.npz", cwd=tmp_path)
+    assert result.returncode == 2 and "--batch_size must be >= 1" in result.stderr
 
 
 def test_slerp_walks_the_sphere_between_its_ends():
@@ -222,3 +232,51 @@ def test_report_writes_eval_plots_only_for_logged_metrics(digits_run, tmp_path):
     out = write_report(digits_run)
     assert (out / "eval_digits.png").is_file()
     assert not (out / "eval_modes.png").exists() and not (out / "eval_fid.png").exists()
+
+
+def test_an_evaluation_draws_nothing_from_the_training_rng(digits_run, tmp_path, monkeypatch):
+    from distgan.digits_score import default_scorer
+    from distgan.eval import load_models
+
+    cfg, G, D, _ = load_models(checkpoint.list_checkpoints(digits_run)[-1])
+    cfg.eval.num_samples = 100
+    real = torch.rand(8, 1, 32, 32) * 2 - 1
+    for cache in ("cold", "warm"):  # a cold cache trains the classifier; a warm one builds it, then loads weights
+        if cache == "cold":
+            monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))
+        default_scorer.cache_clear()
+        torch.manual_seed(123)
+        before = torch.get_rng_state()
+        Evaluator(cfg, ["digits", "fgsm"])(G, D, real)
+        assert torch.equal(torch.get_rng_state(), before), cache
+
+
+def test_resuming_across_evaluations_is_bitwise_identical_with_dropout(tmp_path):
+    from distgan.digits_score import default_scorer
+
+    overrides = {"model.arch": "mlp", "model.mlp_hidden": [32, 64], "model.mlp_dropout": 0.3, "eval.every": 2,
+                 "eval.num_samples": 50, "checkpoint.every": 2, "train.steps": 6}  # fmt: skip
+    default_scorer.cache_clear()  # each run builds its scorer at its first evaluation, as a new process does
+    train(tiny_config(tmp_path / "straight", **overrides))
+    default_scorer.cache_clear()
+    train(tiny_config(tmp_path / "resumed", **{**overrides, "train.steps": 2}))
+    default_scorer.cache_clear()
+    train(tiny_config(tmp_path / "resumed", **overrides))
+    assert_same_weights(final_state(tmp_path / "straight"), final_state(tmp_path / "resumed"))
+
+
+def test_the_digits_score_ranks_real_digits_before_trained_samples_before_noise(tmp_path):
+    from distgan.data.sources import load_digits
+    from distgan.digits_score import digits_score
+
+    run_dir = tmp_path / "mlp"
+    overrides = {"model.arch": "mlp", "model.mlp_hidden": [128, 256], "model.nz": 100, "train.steps": 400,
+                 "train.batch_size": 64, "log.every": 400, "log.images_every": 400, "checkpoint.every": 0}  # fmt: skip
+    train(tiny_config(run_dir, **overrides))
+    trained = load_generator(checkpoint.list_checkpoints(run_dir)[-1])[0]
+    samples = trained(torch.randn(1000, 100, generator=torch.Generator().manual_seed(1))).detach()
+    real = load_digits(32).float().div(127.5).sub(1)  # as training sees them
+    noise = torch.rand(1000, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    fd = {name: digits_score(images)["digits/fd"] for name, images in (("real", real), ("trained", samples),
+                                                                       ("noise", noise))}  # fmt: skip
+    assert fd["real"] < 1e-3 < fd["trained"] < 0.6 * fd["noise"], fd
