@@ -2,11 +2,17 @@
 
     python -m distgan.bench data [--path FOLDER] [--workers N] [--size 64] [--batch_size 128] [--seconds 10]
     python -m distgan.bench train [--processes 1,2] [--precisions fp32,bf16] [--steps 30] [--config FILE]
+    python -m distgan.bench compare [--images DIR] [--steps 30] [--precisions fp32,bf16] [--workers 2]
 
 `data`: images/s of the shard reader versus the torchvision ImageFolder + Resize + CenterCrop + ToTensor +
 Normalize loader that the DCGAN examples use, over the same source images with the same worker count. FOLDER is
 an ImageFolder tree (CelebA's `img_align_celeba/` parent works as is); without it, --fake N CelebA-sized
 (178x218) JPEGs are generated first. The shards are prepared into a temporary folder unless --shards DIR is given.
+
+`compare`: end-to-end training images/s of the loop people copy (the PyTorch DCGAN example: ImageFolder + Resize +
+CenterCrop + ToTensor + Normalize, Sigmoid + BCELoss, fp32, `.item()` every step), written below in that style,
+against distgan's training step on shards prepared from the same images; DCGAN-64, batch 64, one process. Each
+figure is the median of per-window rates after a warm-up window.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch import nn
 
 from distgan.config import ConfigError, run_command
 
@@ -157,7 +164,141 @@ def train(
     return results
 
 
-COMMANDS = {"data": data, "train": train}
+class _ExampleG(nn.Module):
+    """The example's generator: DCGAN-64, ConvTranspose + BatchNorm + ReLU, Tanh."""
+
+    def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
+            nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh(),
+        )  # fmt: skip
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z)
+
+
+class _ExampleD(nn.Module):
+    """The example's discriminator: DCGAN-64 ending in Sigmoid (the form its BCELoss needs)."""
+
+    def __init__(self, ndf: int = 64, nc: int = 3):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid(),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x).view(-1, 1).squeeze(1)
+
+
+def reference_loop(path: str, steps: int, batch_size: int = 64, workers: int = 2, window: int = 5) -> list[float]:
+    """The PyTorch DCGAN example's training loop on an ImageFolder tree; images/s of each window of steps."""
+    from distgan.models import init_weights
+
+    torch.manual_seed(0)
+    netG, netD = _ExampleG(), _ExampleD()
+    netG.apply(init_weights)
+    netD.apply(init_weights)
+    criterion = nn.BCELoss()
+    optimizerD = torch.optim.Adam(netD.parameters(), lr=0.0002, betas=(0.5, 0.999))
+    optimizerG = torch.optim.Adam(netG.parameters(), lr=0.0002, betas=(0.5, 0.999))
+    batches = _imagefolder_batches(path, 64, batch_size, workers)
+    rates, start = [], time.perf_counter()
+    for i in range(1, steps + 1):
+        real = next(batches)
+        # (1) Update D: maximize log(D(x)) + log(1 - D(G(z)))
+        netD.zero_grad()
+        label = torch.full((real.size(0),), 1.0)
+        output = netD(real)
+        errD_real = criterion(output, label)
+        errD_real.backward()
+        D_x = output.mean().item()
+        noise = torch.randn(real.size(0), 100, 1, 1)
+        fake = netG(noise)
+        label.fill_(0.0)
+        output = netD(fake.detach())
+        errD_fake = criterion(output, label)
+        errD_fake.backward()
+        D_G_z1 = output.mean().item()
+        errD = errD_real + errD_fake
+        optimizerD.step()
+        # (2) Update G: maximize log(D(G(z)))
+        netG.zero_grad()
+        label.fill_(1.0)
+        output = netD(fake)
+        errG = criterion(output, label)
+        errG.backward()
+        D_G_z2 = output.mean().item()
+        optimizerG.step()
+        _ = (errD.item(), errG.item(), D_x, D_G_z1, D_G_z2)  # the example prints these every step
+        if i % window == 0:
+            rates.append(window * batch_size / (time.perf_counter() - start))
+            start = time.perf_counter()
+    return rates
+
+
+def distgan_loop(shards: str, steps: int, precision: str, batch_size: int = 64, workers: int = 1) -> list[float]:
+    """distgan's training on the shards (DCGAN-64, one process, no evaluation); images/s of each window of 5 steps."""
+    import json
+
+    from distgan.config import load_config
+    from distgan.train import train as train_run
+
+    with tempfile.TemporaryDirectory(prefix="distgan-bench-") as run_dir:
+        overrides = {
+            "run.dir": run_dir, "run.device": "cpu", "model.image_size": 64, "model.channels": 3, "model.ngf": 64,
+            "model.ndf": 64, "data.source": "shards", "data.path": shards, "data.workers": workers,
+            "train.steps": steps, "train.batch_size": batch_size, "train.precision": precision, "log.every": 5,
+            "log.images_every": steps, "log.progress": False, "log.wandb": "disabled", "log.report": False,
+            "checkpoint.every": 0, "eval.every": 0,
+        }  # fmt: skip
+        train_run(load_config(None, overrides))
+        rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [row["images_per_s"] for row in rows]
+
+
+def compare(
+    images: str | None = None,
+    steps: int = 30,
+    precisions: str | tuple = "fp32,bf16",
+    workers: int = 2,
+    fake: int = 3000,
+) -> dict[str, float]:
+    """Print and return the example loop's images/s, distgan's per precision, and the ratios."""
+    import statistics
+
+    from distgan.data.prepare import prepare
+
+    if steps < 10:
+        raise ConfigError(f"--steps must be >= 10 (two windows of 5 after the warm-up window); got {steps}")
+    names = [str(p) for p in (precisions if isinstance(precisions, tuple | list) else str(precisions).split(","))]
+    with tempfile.TemporaryDirectory(prefix="distgan-bench-") as tmp:
+        if images is None:
+            print(f"generating {fake} 178x218 JPEGs ...", flush=True)
+            images = str(write_photos(Path(tmp) / "images", fake))
+        if not Path(images).is_dir():
+            raise ConfigError(f"--images {images} is not a folder")
+        shards = str(Path(tmp) / "shards")
+        prepare(images, shards, size=64, shard_size=1000, progress=False)
+        results = {"example_fp32": statistics.median(reference_loop(images, steps, workers=workers)[1:])}
+        for precision in names:
+            # distgan's decode is cheap: one loader process leaves the second core to the training step.
+            results[f"distgan_{precision}"] = statistics.median(distgan_loop(shards, steps, precision)[1:])
+    base = results["example_fp32"]
+    print(f"\n{'loop (DCGAN-64, batch 64, one process)':<46}{'images/s':>10}{'vs example':>12}")
+    for name, rate in results.items():
+        print(f"{name:<46}{rate:>10.1f}{rate / base:>11.2f}x")
+    return results
+
+
+COMMANDS = {"data": data, "train": train, "compare": compare}
 
 
 def cli(argv: list[str] | None = None) -> None:

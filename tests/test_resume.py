@@ -35,7 +35,10 @@ def environment() -> dict:
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=300)
+    if result.returncode:  # torchrun's failure report fills the tail: keep what the ranks printed before it
+        print(f"stderr of {' '.join(cmd)}:\n{result.stderr[:8000]}", file=sys.stderr)
+    return result
 
 
 def start(cmd: list[str], cwd: Path) -> subprocess.Popen:
