@@ -88,6 +88,9 @@ class TrainConfig:
         "GAN loss: nonsaturating (BCE, G maximises log D(G(z))), minimax (G minimises log(1 - D(G(z)))), hinge.",
         choices=("nonsaturating", "minimax", "hinge"),
     )
+    channels_last: bool = opt(
+        True, "Convolution weights and images in channels-last (NHWC) layout: faster on CPU (oneDNN) and GPU."
+    )
     ema_halflife_images: float = opt(
         10_000.0,
         "Half-life of G_ema, the moving average of G's weights that samples and evaluations use, in images "
@@ -105,6 +108,7 @@ class OptimConfig:
     lr_d: float = opt(2e-4, "Adam learning rate of D.", minimum=0.0)
     beta1: float = opt(0.5, "Adam beta1 (DCGAN: 0.5).", minimum=0.0)
     beta2: float = opt(0.999, "Adam beta2.", minimum=0.0)
+    fused: bool = opt(True, "Fused Adam: one kernel updates every parameter (instead of a loop over them).")
 
 
 @dataclass

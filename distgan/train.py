@@ -131,6 +131,8 @@ def train(cfg: Config) -> None:
         state = resumed[1]
         G.load_state_dict(state["G"])
         D.load_state_dict(state["D"])
+    if cfg.train.channels_last:  # 4-D conv weights only; linear layers are unaffected
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     ema = EMA(G, cfg.train.ema_halflife_images, cfg.train.ema_rampup)  # a plain copy, before any wrapping
     if resumed is not None and "G_ema" in state:
         ema.load_state_dict(state["G_ema"])
@@ -138,8 +140,9 @@ def train(cfg: Config) -> None:
     G, D = dist.wrap(accelerator, cfg, G, D)  # synced batch norm, device, DDP: every rank, same order
     D_plain = dist.unwrap(accelerator, D)
     betas = (cfg.optim.beta1, cfg.optim.beta2)
-    opt_g = torch.optim.Adam(dist.unwrap(accelerator, G).parameters(), lr=cfg.optim.lr_g, betas=betas)
-    opt_d = torch.optim.Adam(D_plain.parameters(), lr=cfg.optim.lr_d, betas=betas)
+    adam = {"betas": betas, "fused": cfg.optim.fused}
+    opt_g = torch.optim.Adam(dist.unwrap(accelerator, G).parameters(), lr=cfg.optim.lr_g, **adam)
+    opt_d = torch.optim.Adam(D_plain.parameters(), lr=cfg.optim.lr_d, **adam)
     if resumed is not None:
         opt_g.load_state_dict(state["opt_g"])  # moves the Adam moments to the parameters' device
         opt_d.load_state_dict(state["opt_d"])
@@ -248,6 +251,8 @@ def train(cfg: Config) -> None:
             batch = next(data)
             data_wait += time.perf_counter() - fetch_start
             real = to_model_input(batch, device)
+            if cfg.train.channels_last and real.dim() == 4:
+                real = real.contiguous(memory_format=torch.channels_last)
             if cfg.data.hflip:
                 real = hflip(real, flips(cfg.run.seed, step, cfg.train.batch_size)[data.rank_slice].to(device))
             z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[data.rank_slice].to(device)
