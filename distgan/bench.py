@@ -49,6 +49,16 @@ def write_photos(folder: str | Path, num: int, width: int = 178, height: int = 2
     return Path(folder)
 
 
+def _source_images(path: str | None, flag: str, tmp: str, fake: int) -> str:
+    """The image folder to benchmark on: the one given, or `fake` generated CelebA-sized JPEGs under tmp."""
+    if path is None:
+        print(f"generating {fake} 178x218 JPEGs ...", flush=True)
+        return str(write_photos(Path(tmp) / "images", fake))
+    if not Path(path).is_dir():
+        raise ConfigError(f"{flag} {path} is not a folder")
+    return path
+
+
 def _rate(batches: Iterator[torch.Tensor], seconds: float, warmup: int = 3) -> float:
     """Images/s of a batch iterator after `warmup` batches, measured for about `seconds`."""
     for _ in range(warmup):
@@ -103,11 +113,7 @@ def data(
 
     torch.set_num_threads(1)  # the loaders' workers do the work; keep the main process out of their way
     with tempfile.TemporaryDirectory(prefix="distgan-bench-") as tmp:
-        if path is None:
-            print(f"generating {fake} 178x218 JPEGs ...", flush=True)
-            path = str(write_photos(Path(tmp) / "images", fake))
-        if not Path(path).is_dir():
-            raise ConfigError(f"--path {path} is not a folder")
+        path = _source_images(path, "--path", tmp, fake)
         if shards is None:
             shards = str(Path(tmp) / "shards")
             start = time.perf_counter()
@@ -164,7 +170,7 @@ def train(
     return results
 
 
-class _ExampleG(nn.Module):
+class ExampleGenerator(nn.Module):
     """The example's generator: DCGAN-64, ConvTranspose + BatchNorm + ReLU, Tanh."""
 
     def __init__(self, nz: int = 100, ngf: int = 64, nc: int = 3):
@@ -181,7 +187,7 @@ class _ExampleG(nn.Module):
         return self.main(z)
 
 
-class _ExampleD(nn.Module):
+class ExampleDiscriminator(nn.Module):
     """The example's discriminator: DCGAN-64 ending in Sigmoid (the form its BCELoss needs)."""
 
     def __init__(self, ndf: int = 64, nc: int = 3):
@@ -203,7 +209,7 @@ def reference_loop(path: str, steps: int, batch_size: int = 64, workers: int = 2
     from distgan.models import init_weights
 
     torch.manual_seed(0)
-    netG, netD = _ExampleG(), _ExampleD()
+    netG, netD = ExampleGenerator(), ExampleDiscriminator()
     netG.apply(init_weights)
     netD.apply(init_weights)
     criterion = nn.BCELoss()
@@ -280,11 +286,7 @@ def compare(
         raise ConfigError(f"--steps must be >= 10 (two windows of 5 after the warm-up window); got {steps}")
     names = [str(p) for p in (precisions if isinstance(precisions, tuple | list) else str(precisions).split(","))]
     with tempfile.TemporaryDirectory(prefix="distgan-bench-") as tmp:
-        if images is None:
-            print(f"generating {fake} 178x218 JPEGs ...", flush=True)
-            images = str(write_photos(Path(tmp) / "images", fake))
-        if not Path(images).is_dir():
-            raise ConfigError(f"--images {images} is not a folder")
+        images = _source_images(images, "--images", tmp, fake)
         shards = str(Path(tmp) / "shards")
         prepare(images, shards, size=64, shard_size=1000, progress=False)
         results = {"example_fp32": statistics.median(reference_loop(images, steps, workers=workers)[1:])}

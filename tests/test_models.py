@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+from distgan.bench import ExampleDiscriminator, ExampleGenerator
 from distgan.config import ModelConfig
 from distgan.models import Discriminator, Generator, MLPDiscriminator, MLPGenerator, build_models, init_weights
 
@@ -21,23 +22,9 @@ def test_dcgan_shapes(size, channels):
     assert D(images).shape == (5,)  # one logit per image
 
 
-def seed_dcgan64(nz=100, ngf=64, ndf=64, nc=3):
-    """The DCGAN-64 of the PyTorch tutorial, layer by layer, as the reference architecture."""
-    netG = nn.Sequential(
-        nn.ConvTranspose2d(nz, ngf * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(ngf * 8), nn.ReLU(True),
-        nn.ConvTranspose2d(ngf * 8, ngf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 4), nn.ReLU(True),
-        nn.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf * 2), nn.ReLU(True),
-        nn.ConvTranspose2d(ngf * 2, ngf, 4, 2, 1, bias=False), nn.BatchNorm2d(ngf), nn.ReLU(True),
-        nn.ConvTranspose2d(ngf, nc, 4, 2, 1, bias=False), nn.Tanh(),
-    )  # fmt: skip
-    netD = nn.Sequential(
-        nn.Conv2d(nc, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
-        nn.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 2), nn.LeakyReLU(0.2, inplace=True),
-        nn.Conv2d(ndf * 2, ndf * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 4), nn.LeakyReLU(0.2, inplace=True),
-        nn.Conv2d(ndf * 4, ndf * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(ndf * 8), nn.LeakyReLU(0.2, inplace=True),
-        nn.Conv2d(ndf * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid(),
-    )  # fmt: skip
-    return netG, netD
+def seed_dcgan64():
+    """The DCGAN-64 of the PyTorch example, layer by layer (bench.py's reference loop trains it)."""
+    return ExampleGenerator().main, ExampleDiscriminator().main
 
 
 def test_dcgan64_matches_seed_architecture():
