@@ -268,7 +268,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("log.tensorboard needs the tensorboard package: pip install tensorboard")
     if not cfg.model.mlp_hidden or min(cfg.model.mlp_hidden) < 1:
         raise ConfigError(f"config key 'model.mlp_hidden' needs positive sizes; got {cfg.model.mlp_hidden}")
-    points = cfg.data.source in POINT_SOURCES
+    points = is_points(cfg)
     if points and cfg.model.arch != "mlp":
         raise ConfigError(f"data.source '{cfg.data.source}' holds 2-D points: it needs model.arch mlp")
     if points and cfg.data.hflip:
@@ -284,6 +284,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.metrics {image_only} need images; data.source '{cfg.data.source}' holds points")
     if "digits" in metrics and cfg.model.channels != 1:
         raise ConfigError("eval.metrics 'digits' scores grayscale digits; model.channels is 3")
+
+
+def is_points(cfg: Config) -> bool:
+    """Whether cfg trains on 2-D points (the ring8/grid25 mixtures of distgan/toy.py) rather than images."""
+    return cfg.data.source in POINT_SOURCES
 
 
 def eval_metrics(cfg: Config) -> list[str]:

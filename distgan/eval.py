@@ -23,7 +23,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from distgan import dist, rng
-from distgan.config import EVAL_METRICS, POINT_SOURCES, Config, ConfigError, eval_metrics, flag, from_dict, run_command
+from distgan.config import EVAL_METRICS, Config, ConfigError, eval_metrics, flag, from_dict, is_points, run_command
 from distgan.models import generate
 
 # Part of every reference-feature cache key: change it whenever the way real images become features changes
@@ -116,7 +116,7 @@ class Evaluator:
             from distgan.adversarial import probe
 
             # Each rank probes its own real batch; the means over ranks are the global means (equal batch sizes).
-            bounds = (-math.inf, math.inf) if self.cfg.data.source in POINT_SOURCES else (-1.0, 1.0)
+            bounds = (-math.inf, math.inf) if is_points(self.cfg) else (-1.0, 1.0)
             local_probe = probe(D, [real], lo=bounds[0], hi=bounds[1])
             means = torch.tensor(list(local_probe.values()), device=self.device, dtype=torch.float64)
             if self.accelerator is not None:
@@ -269,7 +269,7 @@ def load_models(path: str | Path, ema: bool = True) -> tuple[Config, nn.Module, 
 
     state = load_checkpoint(path)
     cfg = from_dict(state["config"])
-    G, D = build_models(cfg.model, points=cfg.data.source in POINT_SOURCES)
+    G, D = build_models(cfg.model, points=is_points(cfg))
     which = "G_ema" if ema and "G_ema" in state else "G"
     G.load_state_dict(state[which])
     D.load_state_dict(state["D"])
@@ -308,7 +308,7 @@ def main(
     names = parse_metrics(metrics, cfg)
     if not names:
         raise ConfigError(f"no metrics to compute for data.source '{cfg.data.source}': pass --metrics=...")
-    points = cfg.data.source in POINT_SOURCES
+    points = is_points(cfg)
     if "modes" in names and not points:
         raise ConfigError("--metrics modes needs a ring8 or grid25 model")
     if points and {"digits", "fid", "kid"} & set(names):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from distgan.config import POINT_SOURCES, ConfigError, flag, run_command
+from distgan.config import ConfigError, flag, is_points, run_command
 from distgan.models import generate
 
 FORMATS = (".png", ".npz")
@@ -95,7 +95,7 @@ def main(
         G, cfg, which = load_generator(checkpoint, "cuda" if torch.cuda.is_available() else "cpu", ema)
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
-    points = cfg.data.source in POINT_SOURCES
+    points = is_points(cfg)
     if interpolate and points:
         raise ConfigError("--interpolate draws image grids; this checkpoint's model generates 2-D points")
     if interpolate:

@@ -18,10 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from distgan import rng
-from distgan.config import Config
 
 POINTS = 22  # rng purpose of the point sets: apart from rng.py's purposes (1, 2, ...), never renumber
-POINT_SHAPE = (2,)  # one sample: an (x, y) point
 PROTOCOL_SAMPLES = 2500  # points per evaluation in the protocol
 HIGH_QUALITY_STDS = 3.0  # a high-quality point lies within this many std of its nearest centre
 
@@ -50,11 +48,6 @@ MIXTURES: dict[str, Mixture] = {
     "ring8": Mixture(_ring(8, 2.0), std=0.02, limit=2.5, min_count=100),
     "grid25": Mixture(_grid([-4.0, -2.0, 0.0, 2.0, 4.0]), std=0.05, limit=5.5, min_count=20),
 }
-
-
-def is_points(cfg: Config) -> bool:
-    """Whether cfg trains on 2-D points (a toy mixture) rather than images."""
-    return cfg.data.source in MIXTURES
 
 
 def mixture(name: str) -> Mixture:

@@ -15,11 +15,11 @@ from torch import nn
 
 from distgan import checkpoint, dist, rng
 from distgan.config import (
-    POINT_SOURCES,
     Config,
     ConfigError,
     describe,
     eval_metrics,
+    is_points,
     load_config,
     run_command,
     to_dict,
@@ -121,7 +121,7 @@ def train(cfg: Config) -> None:
     checkpoint.remove_partial(run_dir, is_main)
 
     torch.manual_seed(cfg.run.seed)
-    G, D = build_models(cfg.model, points=cfg.data.source in POINT_SOURCES)
+    G, D = build_models(cfg.model, points=is_points(cfg))
     device = accelerator.device
     precision = Precision(dist.resolve_precision(cfg, accelerator), device)
     data = build_source(cfg, rank, world, pin_memory=device.type == "cuda")
@@ -158,7 +158,7 @@ def train(cfg: Config) -> None:
             data.load_state_dict(state["ranks"][0]["data"])
             torch.manual_seed(rng.derive_seed(cfg.run.seed, rng.RESEED, start_step, rank))
 
-    points = cfg.data.source in POINT_SOURCES
+    points = is_points(cfg)
     fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_POINTS if points else NUM_FIXED_SAMPLES, cfg.model.nz)
     fixed_z = fixed_z.to(device)
     metrics = eval_metrics(cfg) if cfg.eval.every else []

@@ -4,9 +4,9 @@ import time
 import pytest
 import torch
 
-from distgan.config import POINT_SOURCES
+from distgan.config import POINT_SOURCES, is_points
 from distgan.data import build_source, to_model_input
-from distgan.toy import MIXTURES, PointSet, is_points, mode_metrics, sample_mixture, scatter_image
+from distgan.toy import MIXTURES, PointSet, mode_metrics, sample_mixture, scatter_image
 
 CHI2_2_WITHIN_3_STD = 1 - math.exp(-4.5)  # P(|N(0, I_2)| <= 3): a 2-D Gaussian sample within 3 std of its mean
 
