@@ -63,7 +63,12 @@ class DataConfig:
         "shards: a manifest.json, a folder of shards, a brace pattern or pipe: URLs; folder: a folder of images.",
     )
     num_samples: int = opt(10_000, "Size of the synthetic image set, or of the ring8/grid25 point set.", minimum=1)
-    workers: int = opt(4, "Loader processes per rank, shards and folder (0: load in the training process).", minimum=0)
+    workers: int = opt(
+        4,
+        "Loader processes per rank, shards and folder (0: load in the training process); at most the CPU cores "
+        "per process minus one, so they never take the training's core (the shard order depends on the count).",
+        minimum=0,
+    )
     shuffle_buffer: int = opt(
         5000, "Samples each shard reader shuffles among (prepare shuffled the shards).", minimum=1
     )

@@ -94,6 +94,30 @@ def reduce_sum(accelerator: Accelerator, values: torch.Tensor) -> torch.Tensor:
     return accelerator.reduce(values, "sum")
 
 
+def cores_per_process() -> int:
+    """The CPU cores this process may use (its affinity: a Slurm allocation, taskset), shared by the local ranks."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def loader_workers(accelerator: Accelerator, requested: int) -> tuple[int, str | None]:
+    """data.workers, capped so the loader processes leave this rank one core to compute or to drive its GPU.
+
+    Returns the count every rank uses (the smallest cap of any rank: the shard plan depends on it and must be
+    the same on every rank) and a note when it is below the request.
+    """
+    cores = cores_per_process()
+    workers = min(requested, cores - 1)
+    if accelerator.num_processes > 1:
+        workers = min(gather_objects(accelerator, workers))
+    if workers == requested:
+        return workers, None
+    return workers, (
+        f"{workers} loader worker(s) instead of data.workers {requested}: {cores} CPU core(s) per process, "
+        f"one of them for training"
+    )
+
+
 def gather_objects(accelerator: Accelerator, obj) -> list:
     """Every rank's `obj`, in rank order, on every rank (every rank must call it)."""
     if accelerator.num_processes == 1:

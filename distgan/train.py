@@ -84,6 +84,38 @@ def train_step(
     }
 
 
+class BadSteps:
+    """Counts the steps whose NaN/Inf gradients were skipped, on the device, so a step needs no host sync.
+
+    The gradient norms are the same on every rank (see precision.py), so are these counters. check() reads them
+    (one sync) at log and checkpoint steps and stops the run once train.max_bad_steps came in a row.
+    """
+
+    def __init__(self, before: int, limit: int, device: torch.device):
+        self.before, self.limit = before, limit
+        self.count = torch.zeros((), dtype=torch.int64, device=device)  # skipped steps since this start
+        self.run = torch.zeros_like(self.count)  # skipped steps in a row, ending at the latest step
+        self.longest = torch.zeros_like(self.count)  # the longest such run since the last check
+
+    def update(self, *grad_norms: torch.Tensor) -> None:
+        bad = ~torch.stack([torch.isfinite(n) for n in grad_norms]).all()
+        self.count += bad
+        self.run = (self.run + 1) * bad
+        self.longest = torch.maximum(self.longest, self.run)
+
+    def total(self) -> int:
+        return self.before + int(self.count)
+
+    def check(self, step: int) -> None:
+        longest = int(self.longest)
+        self.longest = self.run.clone()  # a run still going on carries over to the next check
+        if longest >= self.limit:
+            raise FloatingPointError(
+                f"NaN/Inf gradients in {longest} steps in a row by step {step} (train.max_bad_steps is "
+                f"{self.limit}); their updates were skipped; try a lower learning rate, or bf16/fp32 instead of fp16"
+            )
+
+
 def check_run_dir(run_dir: Path) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run.dir {run_dir} exists and is not a directory")
@@ -124,9 +156,10 @@ def train(cfg: Config) -> None:
     G, D = build_models(cfg.model, points=is_points(cfg))
     device = accelerator.device
     precision = Precision(dist.resolve_precision(cfg, accelerator), device)
-    data = build_source(cfg, rank, world, pin_memory=device.type == "cuda")
+    workers, workers_note = dist.loader_workers(accelerator, cfg.data.workers)
+    data = build_source(cfg, rank, world, pin_memory=device.type == "cuda", workers=workers)
 
-    start_step, skipped_before, bad_steps, wandb_id, elapsed = 0, 0, 0, None, 0.0
+    start_step, skipped_before, bad_before, wandb_id, elapsed = 0, 0, 0, None, 0.0
     if resumed is not None:
         state = resumed[1]
         G.load_state_dict(state["G"])
@@ -147,7 +180,7 @@ def train(cfg: Config) -> None:
         opt_g.load_state_dict(state["opt_g"])  # moves the Adam moments to the parameters' device
         opt_d.load_state_dict(state["opt_d"])
         precision.load_state_dict(state["scalers"])
-        start_step, skipped_before, bad_steps = state["step"], state["data_skipped"], state["bad_steps"]
+        start_step, skipped_before, bad_before = state["step"], state["data_skipped"], state["bad_steps"]
         elapsed = state.get("elapsed", 0.0)
         if resumed[0].resolve().is_relative_to(run_dir.resolve()):  # our own run: continue its W&B run
             wandb_id = state.get("wandb_id")
@@ -170,7 +203,8 @@ def train(cfg: Config) -> None:
         f"{world} process(es) on {device.type}, {precision.name}, batch {cfg.train.batch_size} "
         f"({cfg.train.batch_size // world} per process){synced}"
     )
-    for note in data.notes:
+    loader_notes = [workers_note] if workers_note and cfg.data.source in ("shards", "folder") else []
+    for note in loader_notes + data.notes:
         tracker.print(f"data: {note}")
     if resumed is not None:
         layout = "" if len(state["ranks"]) == world else f" (written by {len(state['ranks'])} processes)"
@@ -199,7 +233,7 @@ def train(cfg: Config) -> None:
             "opt_g": opt_g.state_dict(),
             "opt_d": opt_d.state_dict(),
             "scalers": precision.state_dict(),
-            "bad_steps": bad_steps,
+            "bad_steps": bad_steps.total(),
             "data_skipped": data_skipped(),
             "ranks": ranks,
             "config": to_dict(cfg),
@@ -236,16 +270,17 @@ def train(cfg: Config) -> None:
         means["images_seen"] = step * cfg.train.batch_size
         means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
         means["data/skipped"] = data_skipped()
-        means["train/skipped_steps"] = bad_steps
+        means["train/skipped_steps"] = bad_steps.total()
         if device.type == "cuda":
             means["gpu/max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
         dist.on_every_rank(accelerator, tracker.log, step, {**means, **extra})
 
+    bad_steps = BadSteps(bad_before, cfg.train.max_bad_steps, device)
     signals, exit_code, preempted = dist.StopSignals(), 1, False
     try:
         sums: dict[str, torch.Tensor] = {}
-        window_start, window_steps, data_wait, bad_in_a_row = time.perf_counter(), 0, 0.0, 0
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
         for step in range(start_step + 1, cfg.train.steps + 1):
             fetch_start = time.perf_counter()
             batch = next(data)
@@ -254,19 +289,12 @@ def train(cfg: Config) -> None:
             if cfg.train.channels_last and real.dim() == 4:
                 real = real.contiguous(memory_format=torch.channels_last)
             if cfg.data.hflip:
-                real = hflip(real, flips(cfg.run.seed, step, cfg.train.batch_size)[data.rank_slice].to(device))
-            z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[data.rank_slice].to(device)
+                mask = flips(cfg.run.seed, step, cfg.train.batch_size)[data.rank_slice]
+                real = hflip(real, mask.to(device, non_blocking=True))
+            z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[data.rank_slice]
+            z = z.to(device, non_blocking=True)  # non-blocking: a blocking copy would wait for the GPU every step
             stats = train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss, precision, D_plain)
-            # A NaN/Inf gradient skipped an update; the norms are the same on every rank (see precision.py).
-            if not bool(torch.isfinite(stats["grad_norm/D"]) & torch.isfinite(stats["grad_norm/G"])):
-                bad_steps, bad_in_a_row = bad_steps + 1, bad_in_a_row + 1
-                if bad_in_a_row >= cfg.train.max_bad_steps:
-                    raise FloatingPointError(
-                        f"step {step}: NaN/Inf gradients in {bad_in_a_row} steps in a row (train.max_bad_steps); "
-                        f"try a lower learning rate, or bf16/fp32 instead of fp16"
-                    )
-            else:
-                bad_in_a_row = 0
+            bad_steps.update(stats["grad_norm/D"], stats["grad_norm/G"])
             ema.update(dist.unwrap(accelerator, G), cfg.train.batch_size, step * cfg.train.batch_size)
             for k, v in stats.items():
                 sums[k] = sums[k] + v if k in sums else v
@@ -275,6 +303,7 @@ def train(cfg: Config) -> None:
 
             evaluate = evaluator is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps)
             if step % cfg.log.every == 0 or step == cfg.train.steps or evaluate:
+                bad_steps.check(step)
                 seconds, extra = time.perf_counter() - window_start, {}  # the evaluation is not training time
                 if evaluate:
                     eval_start = time.perf_counter()
@@ -286,9 +315,11 @@ def train(cfg: Config) -> None:
                 write_samples(step)
             saved = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or step == cfg.train.steps
             if saved:
+                bad_steps.check(step)
                 save_checkpoint(step)
             if dist.any_rank(accelerator, signals.received is not None) and step < cfg.train.steps:
                 if not saved:
+                    bad_steps.check(step)
                     save_checkpoint(step)
                 tracker.print(f"stopped by a signal at step {step}; checkpoint written; the same command resumes")
                 exit_code, preempted = Stopped.EXIT_CODE, signals.received != signal.SIGINT  # Ctrl-C: not preempted

@@ -22,7 +22,7 @@ def write_synthetic_pngs(folder, num: int, size: int = 32):
 
 def shard_config(run_dir, shards, **overrides):
     source = {"data.source": "shards", "data.path": str(shards), "model.channels": 3, "data.workers": 2}
-    return tiny_config(run_dir, **source, **overrides)
+    return tiny_config(run_dir, **{**source, **overrides})
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "mlp"])  # the MLP's dropout draws from the global torch RNG
@@ -79,3 +79,17 @@ def test_hflip_mirrors_a_seeded_half_of_the_batch(tmp_path):
     train(tiny_config(tmp_path / "plain"))
     a, b = final_state(tmp_path / "flip"), final_state(tmp_path / "plain")
     assert not torch.equal(a["G"]["net.0.weight"], b["G"]["net.0.weight"])
+
+
+def test_loader_workers_leave_the_training_a_core(tmp_path, capfd):
+    import os
+
+    write_synthetic_pngs(tmp_path / "src", 48)
+    prepare(str(tmp_path / "src"), str(tmp_path / "shards"), size=32, shard_size=8, progress=False)
+    cores = len(os.sched_getaffinity(0))
+    train(shard_config(tmp_path / "run", tmp_path / "shards", **{"data.workers": 64, "train.steps": 2}))
+    note = f"data: {cores - 1} loader worker(s) instead of data.workers 64: {cores} CPU core(s) per process"
+    assert note in capfd.readouterr().out
+    assert final_state(tmp_path / "run")["ranks"][0]["data"]["layout"]["workers"] == cores - 1
+    train(shard_config(tmp_path / "asked", tmp_path / "shards", **{"data.workers": 0, "train.steps": 2}))
+    assert "instead of data.workers" not in capfd.readouterr().out  # a count within the cap is used as given

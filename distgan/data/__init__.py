@@ -21,16 +21,20 @@ from distgan.data.sources import SyntheticImages, TensorImages, load_digits
 from distgan.toy import MIXTURES, PointSet
 
 
-def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bool = False):
-    """The batch stream of cfg.data for one rank (IndexedBatches or ShardBatches: next(), state_dict(), skipped)."""
+def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bool = False, workers: int | None = None):
+    """The batch stream of cfg.data for one rank (IndexedBatches or ShardBatches: next(), state_dict(), skipped).
+
+    workers: loader processes for shards and folders (default data.workers; training passes its capped count).
+    """
     d, size, channels = cfg.data, cfg.model.image_size, cfg.model.channels
+    workers = d.workers if workers is None else workers
     if d.source == "shards":
         return ShardBatches(
             resolve(d.path), cfg.train.batch_size, cfg.run.seed, rank, world_size, size, channels,
-            workers=d.workers, buffer=d.shuffle_buffer, pin_memory=pin_memory,
+            workers=workers, buffer=d.shuffle_buffer, pin_memory=pin_memory,
         )  # fmt: skip
     if d.source == "folder":
-        images, workers = FolderImages(d.path, size, channels), d.workers
+        images = FolderImages(d.path, size, channels)
     elif d.source == "digits":
         images, workers = TensorImages(load_digits(size)), 0
     elif d.source == "synthetic":
