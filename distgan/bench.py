@@ -1,18 +1,21 @@
 """Benchmarks that print figures side by side (never timed assertions).
 
     python -m distgan.bench data [--path FOLDER] [--workers N] [--size 64] [--batch_size 128] [--seconds 10]
-    python -m distgan.bench train [--processes 1,2] [--precisions fp32,bf16] [--steps 30] [--config FILE]
-    python -m distgan.bench compare [--images DIR] [--steps 30] [--precisions fp32,bf16] [--workers 2]
+    python -m distgan.bench train [--config FILE] [--steps 40] [--processes 1,2] [--precisions fp32,bf16] [--window 5]
+    python -m distgan.bench compare [--images DIR] [--steps 30] [--precisions fp32,bf16] [--workers 2] [--rounds 1]
 
 `data`: images/s of the shard reader versus the torchvision ImageFolder + Resize + CenterCrop + ToTensor +
 Normalize loader that the DCGAN examples use, over the same source images with the same worker count. FOLDER is
 an ImageFolder tree (CelebA's `img_align_celeba/` parent works as is); without it, --fake N CelebA-sized
 (178x218) JPEGs are generated first. The shards are prepared into a temporary folder unless --shards DIR is given.
 
+`train`: distgan's own training run (`python -m distgan.train`, torchrun for several processes) per setting:
+images/s, the fraction of time waiting for data, and peak memory (GPU: max allocated; CPU: peak resident set).
+
 `compare`: end-to-end training images/s of the loop people copy (the PyTorch DCGAN example: ImageFolder + Resize +
 CenterCrop + ToTensor + Normalize, Sigmoid + BCELoss, fp32, `.item()` every step), written below in that style,
 against distgan's training step on shards prepared from the same images; DCGAN-64, batch 64, one process. Each
-figure is the median of per-window rates after a warm-up window.
+figure is the median of per-window rates after a warm-up window; --rounds R alternates the loops R times.
 """
 
 from __future__ import annotations
@@ -130,43 +133,70 @@ def data(
     return {"imagefolder": folder_rate, "shards": shard_rate, "ratio": shard_rate / folder_rate}
 
 
-def train(
-    processes: str | int | tuple = "1,2",
-    precisions: str | tuple = "fp32,bf16",
-    steps: int = 30,
-    config: str = "configs/synthetic64.yaml",
-    batch_size: int = 64,
-    device: str = "cpu",
-) -> list[dict]:
-    """images/s of whole training steps for each process count and precision (torchrun for more than one).
+def _items(value) -> list[str]:
+    """A fire list argument ("a,b", a tuple or one value) as strings."""
+    return [str(v) for v in (value if isinstance(value, tuple | list) else str(value).split(","))]
 
-    Each run logs every steps // 3 steps; the figure is the mean of the windows after the first (warm-up).
+
+def train(
+    config: str = "configs/synthetic64.yaml",
+    steps: int = 40,
+    processes: str | int | tuple = "1",
+    precisions: str | tuple = "fp32,bf16",
+    batch_size: int = 64,
+    window: int = 5,
+    device: str = "auto",
+) -> list[dict]:
+    """distgan's real training (python -m distgan.train, torchrun for more than one process) for each setting.
+
+    Prints images/s (the median over windows of `window` steps after the first, warm-up, window), the fraction of
+    the time spent waiting for data, and peak memory (GPU: max allocated; CPU: rank 0's peak resident set).
     """
     import json
     import os
+    import statistics
     import subprocess
 
-    def items(value) -> list[str]:
-        return [str(v) for v in (value if isinstance(value, tuple | list) else str(value).split(","))]
-
+    if steps < 3 * window:
+        raise ConfigError(f"--steps must be >= 3 * --window ({3 * window}): a warm-up window and two more; got {steps}")
     results = []
-    print(f"{'processes':>9} {'precision':>9} {'images/s':>9}  ({config}, batch {batch_size}, {steps} steps)")
-    for nproc in map(int, items(processes)):
-        for precision in items(precisions):
+    print(f"{config}, batch {batch_size}, {steps} steps, median of {window}-step windows after the first")
+    print(f"{'processes':>9} {'precision':>9} {'images/s':>9} {'data wait':>10} {'peak memory':>14}", flush=True)
+    for nproc in map(int, _items(processes)):
+        for precision in _items(precisions):
             with tempfile.TemporaryDirectory(prefix="distgan-bench-") as run_dir:
                 overrides = {
                     "run.dir": run_dir, "run.device": device, "train.steps": steps, "train.batch_size": batch_size,
-                    "train.precision": precision, "log.every": max(1, steps // 3), "log.images_every": steps,
-                    "log.progress": False, "checkpoint.every": 0,
+                    "train.precision": precision, "log.every": window, "log.images_every": steps,
+                    "log.progress": False, "log.wandb": "disabled", "log.report": False, "checkpoint.every": 0,
+                    "eval.every": 0,
                 }  # fmt: skip
                 args = [f"--config={config}", *(f"--{k}={v}" for k, v in overrides.items())]
-                launcher = ["torchrun", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+                torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                launcher = torchrun if nproc > 1 else [sys.executable]
                 env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-                subprocess.run([*launcher, "-m", "distgan.train", *args], check=True, env=env, capture_output=True)
+                done = subprocess.run(
+                    [*launcher, "-m", "distgan.train", *args], env=env, capture_output=True, text=True
+                )
+                if done.returncode != 0:
+                    raise RuntimeError(f"{nproc} process(es), {precision}: training failed:\n{done.stderr[-3000:]}")
                 rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-            rate = sum(r["images_per_s"] for r in rows[1:]) / max(1, len(rows) - 1)
-            print(f"{nproc:>9} {precision:>9} {rate:>9.1f}", flush=True)
-            results.append({"processes": nproc, "precision": precision, "images_per_s": rate})
+            windows = rows[1:]  # the first window holds the warm-up
+            gpu = "gpu/max_allocated_gb" in rows[-1]
+            result = {
+                "processes": nproc,
+                "precision": precision,
+                "images_per_s": statistics.median(r["images_per_s"] for r in windows),
+                "data_wait": statistics.mean(r["data/wait_fraction"] for r in windows),
+                "peak_gb": max(r["gpu/max_allocated_gb" if gpu else "host/peak_rss_gb"] for r in rows),
+                "memory": "GPU" if gpu else "host RSS",
+            }
+            memory = f"{result['peak_gb']:.2f} GB {result['memory']}"
+            print(
+                f"{nproc:>9} {precision:>9} {result['images_per_s']:>9.1f} {result['data_wait']:>10.1%} {memory:>14}",
+                flush=True,
+            )
+            results.append(result)
     return results
 
 
@@ -275,24 +305,34 @@ def compare(
     steps: int = 30,
     precisions: str | tuple = "fp32,bf16",
     workers: int = 2,
+    rounds: int = 1,
     fake: int = 3000,
 ) -> dict[str, float]:
-    """Print and return the example loop's images/s, distgan's per precision, and the ratios."""
+    """Print and return the example loop's images/s, distgan's per precision, and the ratios.
+
+    With --rounds R the loops take turns R times (example, distgan per precision, example, ...), so a machine
+    whose speed drifts slows them alike; each figure is the median of all its windows after each run's first.
+    """
     import statistics
 
     from distgan.data.prepare import prepare
 
     if steps < 10:
         raise ConfigError(f"--steps must be >= 10 (two windows of 5 after the warm-up window); got {steps}")
-    names = [str(p) for p in (precisions if isinstance(precisions, tuple | list) else str(precisions).split(","))]
+    if rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1; got {rounds}")
+    names = ["example_fp32", *(f"distgan_{p}" for p in _items(precisions))]
+    windows: dict[str, list[float]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory(prefix="distgan-bench-") as tmp:
         images = _source_images(images, "--images", tmp, fake)
         shards = str(Path(tmp) / "shards")
         prepare(images, shards, size=64, shard_size=1000, progress=False)
-        results = {"example_fp32": statistics.median(reference_loop(images, steps, workers=workers)[1:])}
-        for precision in names:
-            # distgan's decode is cheap: one loader process leaves the second core to the training step.
-            results[f"distgan_{precision}"] = statistics.median(distgan_loop(shards, steps, precision)[1:])
+        for _ in range(rounds):
+            windows["example_fp32"] += reference_loop(images, steps, workers=workers)[1:]
+            for name in names[1:]:
+                # distgan's decode is cheap: one loader process leaves the second core to the training step.
+                windows[name] += distgan_loop(shards, steps, name.removeprefix("distgan_"))[1:]
+    results = {name: statistics.median(rates) for name, rates in windows.items()}
     base = results["example_fp32"]
     print(f"\n{'loop (DCGAN-64, batch 64, one process)':<46}{'images/s':>10}{'vs example':>12}")
     for name, rate in results.items():

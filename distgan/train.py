@@ -5,6 +5,7 @@ python -m distgan.train [--config FILE] [--section.key=value ...]     (--help li
 
 from __future__ import annotations
 
+import resource
 import signal
 import sys
 import time
@@ -271,6 +272,7 @@ def train(cfg: Config) -> None:
         means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
         means["data/skipped"] = data_skipped()
         means["train/skipped_steps"] = bad_steps.total()
+        means["host/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # this rank's, KiB
         if device.type == "cuda":
             means["gpu/max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)

@@ -1,5 +1,7 @@
 """The benchmark commands run end to end and print their figures (the figures themselves are never asserted)."""
 
+from pathlib import Path
+
 from conftest import run_cli
 
 from distgan.bench import write_photos
@@ -15,3 +17,17 @@ def test_compare_runs_both_loops_on_the_same_images_and_prints_the_ratio(tmp_pat
     }
     assert set(lines) == {"example_fp32", "distgan_bf16"}
     assert lines["example_fp32"][-1] == "1.00x" and float(lines["distgan_bf16"][1]) > 0
+
+
+def test_train_reports_rate_data_wait_and_peak_memory_per_setting(tmp_path):
+    config = Path(__file__).parents[1] / "configs" / "digits32.yaml"
+    args = ["train", "--config", str(config), "--steps", "9", "--window", "3", "--precisions", "fp32,bf16"]
+    result = run_cli("distgan.bench", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] == ["1"]]
+    assert [row[1] for row in rows] == ["fp32", "bf16"]
+    for row in rows:  # processes, precision, images/s, data wait, peak memory
+        assert float(row[2]) > 0 and 0 <= float(row[3].rstrip("%")) < 100 and float(row[4]) > 0.1
+        assert row[5:] == ["GB", "host", "RSS"]
+    bad = run_cli("distgan.bench", "train", "--steps", "5", cwd=tmp_path)
+    assert bad.returncode == 2 and "--steps must be >= 3 * --window (15)" in bad.stderr

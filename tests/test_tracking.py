@@ -22,7 +22,7 @@ TINY = ["--model.ngf=8", "--model.ndf=8", "--model.nz=16", "--train.batch_size=1
 SHORT = [*TINY, "--train.steps=6", "--log.every=2", "--log.images_every=3", "--checkpoint.every=4"]  # tiny_config
 METRICS = {
     "loss/D", "loss/G", "D/real", "D/fake_before", "D/fake_after", "lr/G", "lr/D", "images_per_s", "images_seen",
-    "data/wait_fraction", "data/skipped", "train/skipped_steps", "grad_norm/D", "grad_norm/G",
+    "data/wait_fraction", "data/skipped", "train/skipped_steps", "grad_norm/D", "grad_norm/G", "host/peak_rss_gb",
 }  # fmt: skip
 
 
