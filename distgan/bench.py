@@ -3,6 +3,7 @@
     python -m distgan.bench data [--path FOLDER] [--workers N] [--size 64] [--batch_size 128] [--seconds 10]
     python -m distgan.bench train [--config FILE] [--steps 40] [--processes 1,2] [--precisions fp32,bf16] [--window 5]
     python -m distgan.bench compare [--images DIR] [--steps 30] [--precisions fp32,bf16] [--workers 2] [--rounds 1]
+    python -m distgan.bench collectives [--config FILE] [--batch_size 64] [--processes 2]
 
 `data`: images/s of the shard reader versus the torchvision ImageFolder + Resize + CenterCrop + ToTensor +
 Normalize loader that the DCGAN examples use, over the same source images with the same worker count. FOLDER is
@@ -16,6 +17,9 @@ images/s, the fraction of time waiting for data, and peak memory (GPU: max alloc
 CenterCrop + ToTensor + Normalize, Sigmoid + BCELoss, fp32, `.item()` every step), written below in that style,
 against distgan's training step on shards prepared from the same images; DCGAN-64, batch 64, one process. Each
 figure is the median of per-window rates after a warm-up window; --rounds R alternates the loops R times.
+
+`collectives`: what one DDP training step sends between processes (gradient buckets and their bytes, the synced
+batch norm's small collectives), counted on CPU processes joined by gloo.
 """
 
 from __future__ import annotations
@@ -200,6 +204,86 @@ def train(
     return results
 
 
+def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size: int, queue) -> None:
+    """One rank of `collectives`: two real training steps under DDP; rank 0 reports the second step's traffic."""
+    import os
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.profiler import ProfilerActivity, profile
+
+    from distgan import dist
+    from distgan.config import is_points, load_config
+    from distgan.models import build_models
+    from distgan.precision import Precision
+    from distgan.train import train_step
+
+    cfg = load_config(config, {"train.batch_size": batch_size, "run.device": "cpu", "train.precision": "fp32"})
+    accelerator = dist.setup(cfg)
+    torch.manual_seed(0)
+    G, D = dist.wrap(accelerator, cfg, *build_models(cfg.model, points=is_points(cfg)))
+    buckets: list[tuple[str, int]] = []
+
+    def recording_allreduce(name: str, bucket):
+        buckets.append((name, bucket.buffer().numel() * bucket.buffer().element_size()))
+        return default_hooks.allreduce_hook(None, bucket)
+
+    G.register_comm_hook("G", recording_allreduce)
+    D.register_comm_hook("D", recording_allreduce)
+    D_plain = dist.unwrap(accelerator, D)
+    opt_g = torch.optim.Adam(dist.unwrap(accelerator, G).parameters(), fused=True)
+    opt_d = torch.optim.Adam(D_plain.parameters(), fused=True)
+    per_rank = batch_size // world
+    shape = (2,) if is_points(cfg) else (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    real, z = torch.rand(per_rank, *shape) * 2 - 1, torch.randn(per_rank, cfg.model.nz)
+    train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss, Precision("fp32", accelerator.device), D_plain)
+    buckets.clear()  # DDP rebuilds its buckets after the first step: measure the second
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss, Precision("fp32", accelerator.device), D_plain)
+    calls: dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith("gloo:"):
+            calls[event.name.removeprefix("gloo:")] = calls.get(event.name.removeprefix("gloo:"), 0) + 1
+    if rank == 0:
+        queue.put({"buckets": buckets, "calls": calls})
+    accelerator.end_training()
+
+
+def collectives(config: str = "configs/synthetic64.yaml", batch_size: int = 64, processes: int = 2) -> dict:
+    """The collectives of one training step under DDP (gloo, CPU processes), as counted while it runs.
+
+    Gradient buckets come from a DDP communication hook (their bytes), every collective from the profiler's gloo
+    events. The counts do not depend on the number of processes; they are the input of the scaling estimate in
+    docs/performance.md.
+    """
+    import socket
+
+    import torch.multiprocessing as mp
+
+    if processes < 2:
+        raise ConfigError(f"--processes must be >= 2 (collectives need company); got {processes}")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_collectives_rank, args=(processes, port, config, batch_size, queue), nprocs=processes)
+    found = queue.get()
+    print(f"one training step, {config}, batch {batch_size} over {processes} processes (gloo), synced batch norm")
+    for net in ("D", "G"):
+        sizes = [size for name, size in found["buckets"] if name == net]
+        print(f"  {net} gradients: {sum(sizes) / 2**20:.2f} MiB in {len(sizes)} all-reduce bucket(s)")
+    total = sum(size for _, size in found["buckets"])
+    small = {k: v - (len(found["buckets"]) if k == "all_reduce" else 0) for k, v in sorted(found["calls"].items())}
+    print(f"  gradient bytes per step: {total / 2**20:.2f} MiB ({total:,} bytes)")
+    print("  other collectives (batch-norm statistics and their gradients, DDP bookkeeping): ", end="")
+    print(", ".join(f"{n} {k}" for k, n in small.items() if n))
+    return {"gradient_bytes": total, "buckets": found["buckets"], "small_collectives": small}
+
+
 class ExampleGenerator(nn.Module):
     """The example's generator: DCGAN-64, ConvTranspose + BatchNorm + ReLU, Tanh."""
 
@@ -340,7 +424,7 @@ def compare(
     return results
 
 
-COMMANDS = {"data": data, "train": train, "compare": compare}
+COMMANDS = {"data": data, "train": train, "compare": compare, "collectives": collectives}
 
 
 def cli(argv: list[str] | None = None) -> None:

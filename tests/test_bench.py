@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import torch
 from conftest import run_cli
 
 from distgan.bench import write_photos
@@ -31,3 +32,19 @@ def test_train_reports_rate_data_wait_and_peak_memory_per_setting(tmp_path):
         assert row[5:] == ["GB", "host", "RSS"]
     bad = run_cli("distgan.bench", "train", "--steps", "5", cwd=tmp_path)
     assert bad.returncode == 2 and "--steps must be >= 3 * --window (15)" in bad.stderr
+
+
+def test_collectives_counts_each_networks_gradient_bytes_once_per_step(tmp_path):
+    from distgan.config import load_config
+    from distgan.models import build_models
+
+    config = Path(__file__).parents[1] / "configs" / "digits32.yaml"
+    result = run_cli("distgan.bench", "collectives", "--config", str(config), "--batch_size", "8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    G, D = build_models(load_config(str(config), {}).model)
+    for name, net in (("D", D), ("G", G)):  # all-reduced in fp32, in the D step and the G step respectively
+        mib = sum(p.numel() for p in net.parameters()) * 4 / 2**20
+        assert f"{name} gradients: {mib:.2f} MiB in " in result.stdout
+    bn_layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in (*G.modules(), *D.modules()))
+    other = result.stdout.split("DDP bookkeeping): ")[1]
+    assert int(other.split(" all_gather")[0].split()[-1]) >= bn_layers  # each synced BN layer gathers its stats
