@@ -3,7 +3,7 @@
     python -m distgan.bench data [--path FOLDER] [--workers N] [--size 64] [--batch_size 128] [--seconds 10]
     python -m distgan.bench train [--config FILE] [--steps 40] [--processes 1,2] [--precisions fp32,bf16] [--window 5]
     python -m distgan.bench compare [--images DIR] [--steps 30] [--precisions fp32,bf16] [--workers 2] [--rounds 1]
-    python -m distgan.bench collectives [--config FILE] [--batch_size 64] [--processes 2]
+    python -m distgan.bench collectives [--config FILE] [--batch_size 64] [--processes 2] [--sync_bn=false]
 
 `data`: images/s of the shard reader versus the torchvision ImageFolder + Resize + CenterCrop + ToTensor +
 Normalize loader that the DCGAN examples use, over the same source images with the same worker count. FOLDER is
@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from distgan.config import ConfigError, run_command
+from distgan.config import ConfigError, flag, run_command
 
 
 def write_photos(folder: str | Path, num: int, width: int = 178, height: int = 218, seed: int = 0) -> Path:
@@ -204,7 +204,7 @@ def train(
     return results
 
 
-def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size: int, queue) -> None:
+def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size: int, sync_bn: bool, queue) -> None:
     """One rank of `collectives`: two real training steps under DDP; rank 0 reports the second step's traffic."""
     import os
 
@@ -222,7 +222,13 @@ def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size:
     from distgan.precision import Precision
     from distgan.train import train_step
 
-    cfg = load_config(config, {"train.batch_size": batch_size, "run.device": "cpu", "train.precision": "fp32"})
+    overrides = {
+        "train.batch_size": batch_size,
+        "run.device": "cpu",
+        "train.precision": "fp32",
+        "dist.sync_bn": sync_bn,
+    }
+    cfg = load_config(config, overrides)
     accelerator = dist.setup(cfg)
     torch.manual_seed(0)
     G, D = dist.wrap(accelerator, cfg, *build_models(cfg.model, points=is_points(cfg)))
@@ -253,7 +259,9 @@ def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size:
     accelerator.end_training()
 
 
-def collectives(config: str = "configs/synthetic64.yaml", batch_size: int = 64, processes: int = 2) -> dict:
+def collectives(
+    config: str = "configs/synthetic64.yaml", batch_size: int = 64, processes: int = 2, sync_bn: bool | str = True
+) -> dict:
     """The collectives of one training step under DDP (gloo, CPU processes), as counted while it runs.
 
     Gradient buckets come from a DDP communication hook (their bytes), every collective from the profiler's gloo
@@ -270,9 +278,11 @@ def collectives(config: str = "configs/synthetic64.yaml", batch_size: int = 64, 
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     queue = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_collectives_rank, args=(processes, port, config, batch_size, queue), nprocs=processes)
+    sync_bn = flag(sync_bn, "--sync_bn")
+    mp.spawn(_collectives_rank, args=(processes, port, config, batch_size, sync_bn, queue), nprocs=processes)
     found = queue.get()
-    print(f"one training step, {config}, batch {batch_size} over {processes} processes (gloo), synced batch norm")
+    norm = "synced batch norm" if sync_bn else "batch norm per process"
+    print(f"one training step, {config}, batch {batch_size} over {processes} processes (gloo), {norm}")
     for net in ("D", "G"):
         sizes = [size for name, size in found["buckets"] if name == net]
         print(f"  {net} gradients: {sum(sizes) / 2**20:.2f} MiB in {len(sizes)} all-reduce bucket(s)")
