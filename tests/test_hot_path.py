@@ -73,3 +73,32 @@ def test_training_steps_between_log_steps_read_nothing_back_to_the_host(tmp_path
     # (and torch's loop over the parameters reads each step counter, a CPU tensor).
     unfused = host_syncs(tmp_path / "unfused", 9, **{"optim.fused": False})
     assert unfused - host_syncs(tmp_path / "unfused", 3, **{"optim.fused": False}) >= 2 * 6
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_steps_between_log_steps_do_not_synchronise(tmp_path):
+    import warnings
+
+    def sync_warnings(steps: int) -> int:
+        torch.cuda.set_sync_debug_mode("warn")  # warns at each operation that waits for the GPU
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                host_syncs(tmp_path / "gpu", steps, **{"run.device": "auto"})
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return sum("synchronizing" in str(w.message) for w in caught)
+
+    assert sync_warnings(9) == sync_warnings(3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("source", ["digits", "folder"])
+def test_batches_for_a_gpu_are_page_locked(tmp_path, source):
+    from conftest import write_index_pngs
+
+    from distgan.data import build_source
+
+    folder = {"data.path": str(write_index_pngs(tmp_path / "images" / "a", 40).parent), "model.channels": 3}
+    cfg = tiny_config(tmp_path / "run", **{"data.source": source, **(folder if source == "folder" else {})})
+    assert next(build_source(cfg, pin_memory=True, workers=1)).is_pinned()

@@ -43,7 +43,7 @@ def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bo
         images, workers = PointSet(d.source, d.num_samples, cfg.run.seed), 0
     else:
         raise ValueError(f"data.source {d.source!r} is not implemented")
-    return IndexedBatches(images, cfg.train.batch_size, cfg.run.seed, rank, world_size, workers)
+    return IndexedBatches(images, cfg.train.batch_size, cfg.run.seed, rank, world_size, workers, pin_memory)
 
 
 def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:

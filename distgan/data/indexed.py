@@ -76,13 +76,21 @@ class IndexedBatches:
 
     The stream position is the number of images consumed globally, so it resumes exactly from a saved
     position and gives every world size the same global batches. With workers > 0, DataLoader processes load
-    the batches ahead (for sources that decode files); with 0 they are loaded here, on demand.
+    the batches ahead (for sources that decode files); with 0 they are loaded here, on demand. pin_memory (for
+    CUDA) hands out page-locked batches, so the copy to the GPU runs without the host waiting for it.
     """
 
     def __init__(
-        self, images: ImageSet, batch_size: int, seed: int, rank: int = 0, world_size: int = 1, workers: int = 0
+        self,
+        images: ImageSet,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 0,
+        pin_memory: bool = False,
     ):
-        self.images, self.batch_size, self.workers = images, batch_size, workers
+        self.images, self.batch_size, self.workers, self.pin_memory = images, batch_size, workers, pin_memory
         self.order = GlobalOrder(len(images), batch_size, seed)
         self.rank_slice = rank_slice(batch_size, rank, world_size)
         self.position = 0
@@ -96,6 +104,8 @@ class IndexedBatches:
     def __next__(self) -> torch.Tensor:
         if self.workers == 0:
             images, skipped = self.images.get(self.order.batch(self.position)[self.rank_slice])
+            if self.pin_memory:
+                images = images.pin_memory()
         else:
             if self._loader is None:
                 loader = DataLoader(
@@ -106,6 +116,7 @@ class IndexedBatches:
                     sampler=self.order.rank_batches(self.position, self.rank_slice),
                     num_workers=self.workers,
                     prefetch_factor=4,
+                    pin_memory=self.pin_memory,
                     generator=torch.Generator(),  # its own: making the iterator must not draw from the global RNG
                 )
                 self._loader = iter(loader)
