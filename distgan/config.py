@@ -119,6 +119,12 @@ class OptimConfig:
 @dataclass
 class DistConfig:
     sync_bn: bool = opt(True, "With more than one process, batch norm uses statistics of the global batch.")
+    timeout_s: float = opt(
+        600.0,
+        "Seconds a collective waits for the other processes before the run stops with an error (a hung process "
+        "or node; a dead one is noticed at once). Raise it if writing a checkpoint takes longer.",
+        minimum=1.0,
+    )
 
 
 @dataclass

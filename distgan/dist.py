@@ -12,10 +12,11 @@ import os
 import signal
 import threading
 import warnings
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 from torch import nn
 
 from distgan.config import Config, ConfigError
@@ -44,12 +45,40 @@ def setup(cfg: Config) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # from the launcher: refuse before joining the group, so
     if cfg.train.batch_size % launched:  # that no rank leaves while another is still connecting to it
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the {launched} processes")
-    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp, timeout])
     if cfg.train.batch_size % accelerator.num_processes:
         raise ConfigError(
             f"train.batch_size {cfg.train.batch_size} is not divisible by the {accelerator.num_processes} processes"
         )
     return accelerator
+
+
+class PeerLost(RuntimeError):
+    """A collective failed: another process of the run died or hung (its node, the network), or timed out."""
+
+
+def peer_lost(error: BaseException) -> bool:
+    """Whether an exception is a failed collective: torch's distributed errors, or a gloo transport error."""
+    return isinstance(error, torch.distributed.DistError) or (
+        isinstance(error, RuntimeError) and "/gloo/" in str(error)
+    )
+
+
+def explain_peer_lost(error: BaseException, newest_checkpoint: str | None) -> PeerLost:
+    """One line for a failed collective: what it means, torch's own words, and how to go on."""
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    cause = cause.split("] ", 1)[1] if cause.startswith("[") and "] " in cause else cause  # drop gloo's file path
+    cause = cause.split(". This is typically", 1)[0]
+    resume = (
+        f"the newest checkpoint is {newest_checkpoint}; run the same command again (on every node) to resume"
+        if newest_checkpoint
+        else "no checkpoint was written yet; run the same command again (on every node) to start over"
+    )
+    return PeerLost(
+        f"a collective failed: another process of the run stopped or stalled (its node, the network, or "
+        f"dist.timeout_s): {cause}; {resume}"
+    )
 
 
 def resolve_precision(cfg: Config, accelerator: Accelerator) -> str:

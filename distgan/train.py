@@ -5,6 +5,7 @@ python -m distgan.train [--config FILE] [--section.key=value ...]     (--help li
 
 from __future__ import annotations
 
+import os
 import resource
 import signal
 import sys
@@ -272,7 +273,7 @@ def train(cfg: Config) -> None:
         means["lr/G"], means["lr/D"] = opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]
         means["data/skipped"] = data_skipped()
         means["train/skipped_steps"] = bad_steps.total()
-        means["host/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # this rank's, KiB
+        means["host/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
         if device.type == "cuda":
             means["gpu/max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
             torch.cuda.reset_peak_memory_stats(device)
@@ -355,7 +356,13 @@ def main(config: str | None = None, print_config: bool = False, **overrides) -> 
     if print_config:
         print(to_yaml(cfg), end="")
         return
-    train(cfg)
+    try:
+        train(cfg)
+    except Exception as e:
+        if not dist.peer_lost(e):
+            raise
+        saved = checkpoint.list_checkpoints(cfg.run.dir)
+        raise dist.explain_peer_lost(e, str(saved[-1]) if saved else None) from e
 
 
 USAGE = """usage: python -m distgan.train [--config FILE] [--section.key=value ...] [--print_config]
@@ -370,7 +377,11 @@ def cli(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + describe())
         return
-    run_command(main, "distgan.train", argv)
+    try:
+        run_command(main, "distgan.train", argv)
+    except dist.PeerLost as e:  # one line per rank, not each rank's traceback of the collective it waited in
+        print(f"[rank {os.environ.get('RANK', '?')}] distgan: error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,166 @@
+"""One run across two hosts (network namespaces joined by a veth pair): 2 nodes x 2 gloo processes.
+
+Skipped where the machine refuses network namespaces (they need root, or CAP_SYS_ADMIN, and `ip`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import netns
+import pytest
+from test_train import assert_same_weights, final_state
+
+from distgan import checkpoint
+
+TINY = [
+    "--model.ngf=8", "--model.ndf=8", "--model.nz=16", "--train.batch_size=16", "--log.progress=false",
+    "--log.report=false", "--eval.every=0",
+]  # fmt: skip
+PORT = 29411
+
+
+@pytest.fixture
+def hosts():
+    """Two hosts, always deleted afterwards; the test skips where namespaces are refused."""
+    two = netns.Hosts()
+    try:
+        two.up()
+    except netns.Refused as e:
+        pytest.skip(f"network namespaces refused on this machine ({e}); these tests need root and `ip netns`")
+    try:
+        yield two
+    finally:
+        two.__exit__(None, None, None)
+
+
+def test_hosts_reach_each_other_only_by_address_and_are_always_deleted(tmp_path):
+    server = "import socket; s = socket.create_server(('0.0.0.0', 29499)); c, _ = s.accept(); c.sendall(b'hi')"
+    client = (
+        "import socket, sys\n"
+        "try:\n    socket.create_connection(('127.0.0.1', 29499), timeout=2)\n    print('loopback reached')\n"
+        "except OSError:\n    print('loopback refused')\n"
+        "print(socket.create_connection((sys.argv[1], 29499), timeout=10).recv(2).decode())\n"
+    )
+    names = []
+    with pytest.raises(AssertionError, match="a failing test body"):  # the namespaces still go
+        try:
+            hosts = netns.Hosts(tag="reach").up()
+        except netns.Refused as e:
+            pytest.skip(f"network namespaces refused on this machine ({e})")
+        with hosts:
+            names = hosts.names
+            assert set(names) <= set(netns.namespaces())
+            listening = hosts.start(0, [sys.executable, "-c", server], tmp_path, tmp_path / "server.log")
+            time.sleep(1.0)
+            talk = ["ip", "netns", "exec", names[1], sys.executable, "-c", client, hosts.addrs[0]]
+            done = subprocess.run(talk, capture_output=True, text=True, timeout=30)
+            assert done.stdout.split() == ["loopback", "refused", "hi"], done.stderr  # its own loopback
+            listening.wait(timeout=10)
+            raise AssertionError("a failing test body")
+    assert names and not set(names) & set(netns.namespaces())
+
+
+def torchrun(hosts: netns.Hosts, node: int, *args: str) -> list[str]:
+    """torchrun for one node of two: c10d rendezvous hosted by node 0 at its address."""
+    host = ["--rdzv_conf", "is_host=1" if node == 0 else "is_host=0"]
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
+        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{hosts.addrs[0]}:{PORT}", "--rdzv_id", "distgan-test",
+        "--local_addr", hosts.addrs[node], *host, "-m", "distgan.train", *TINY, *args,
+    ]  # fmt: skip
+
+
+def run_nodes(hosts: netns.Hosts, tmp_path, cwds, *args: str, name: str = "node", timeout: float = 240) -> list[str]:
+    """Both nodes' torchrun, to the end; returns their logs (an assertion names a node that failed)."""
+    logs = [tmp_path / f"{name}{node}.log" for node in (0, 1)]
+    for log in logs:
+        log.write_text("")
+    env = [{**hosts.env(node), "OMP_NUM_THREADS": "1"} for node in (0, 1)]
+    procs = [hosts.start(n, torchrun(hosts, n, *args), cwds[n], logs[n], env[n]) for n in (0, 1)]
+    for node, proc in enumerate(procs):
+        proc.wait(timeout=timeout)
+        assert proc.returncode == 0, f"node {node} exited {proc.returncode}:\n{logs[node].read_text()[-3000:]}"
+    return [log.read_text() for log in logs]
+
+
+def rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_nodes_train_one_run_that_one_node_writes_and_one_host_reproduces(hosts, tmp_path):
+    cwds = [tmp_path / "node0", tmp_path / "node1"]  # node-local disks: a relative run.dir lands on each
+    for cwd in cwds:
+        cwd.mkdir()
+    args = ["--run.dir=run", "--train.steps=6", "--log.every=2", "--checkpoint.every=4", "--log.images_every=6"]
+    logs = run_nodes(hosts, tmp_path, cwds, *args)
+
+    assert "4 process(es) on cpu" in logs[0]
+    assert [r["step"] for r in rows(cwds[0] / "run")] == [2, 4, 6]
+    assert not (cwds[1] / "run").exists()  # node 1's local rank 0 wrote nothing
+
+    single = tmp_path / "single"
+    single.mkdir()
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    done = subprocess.run(
+        [*launch, "-m", "distgan.train", *TINY, *args], cwd=single, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for a, b in zip(rows(cwds[0] / "run"), rows(single / "run"), strict=True):
+        for key in ("loss/D", "loss/G", "D/real", "grad_norm/D", "grad_norm/G"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert_same_weights(final_state(cwds[0] / "run"), final_state(single / "run"))
+
+
+def test_a_dead_node_stops_the_other_and_the_same_commands_resume(hosts, tmp_path):
+    run_dir = tmp_path / "run"  # shared by both nodes, like a cluster's shared file system
+    args = [f"--run.dir={run_dir}", "--train.steps=300", "--log.every=10", "--checkpoint.every=20"]
+    args += ["--log.images_every=300"]
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    env = [{**hosts.env(node), "OMP_NUM_THREADS": "1"} for node in (0, 1)]
+    procs = [hosts.start(n, torchrun(hosts, n, *args), tmp_path, logs[n], env[n]) for n in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not checkpoint.list_checkpoints(run_dir) and time.monotonic() < deadline:
+        assert procs[0].poll() is None, logs[0].read_text()[-3000:]
+        time.sleep(0.2)
+    assert checkpoint.list_checkpoints(run_dir), "no checkpoint within 240 s"
+
+    hosts.kill(1)  # node 1 dies: every process of it, at once
+    died = time.monotonic()
+    procs[0].wait(timeout=120)  # node 0 must not hang
+    log = logs[0].read_text()
+    assert procs[0].returncode != 0 and time.monotonic() - died < 120
+    saved = checkpoint.list_checkpoints(run_dir)[-1]
+    assert "distgan: error: a collective failed: another process of the run stopped or stalled" in log
+    assert f"the newest checkpoint is {saved}; run the same command again (on every node) to resume" in log
+    assert saved.name != "step_00000300.pt"
+
+    logs = run_nodes(hosts, tmp_path, [tmp_path, tmp_path], *args, name="resumed")  # the same commands
+    assert f"resumed from {saved}" in logs[0]
+    assert checkpoint.list_checkpoints(run_dir)[-1].name == "step_00000300.pt"
+    steps = [r["step"] for r in rows(run_dir)]
+    assert steps == list(range(10, 301, 10))  # rows of repeated steps were dropped, none lost
+
+
+def test_a_hung_node_stops_the_other_after_dist_timeout(hosts, tmp_path):
+    args = [f"--run.dir={tmp_path / 'run'}", "--train.steps=100000", "--log.every=10", "--checkpoint.every=0"]
+    args += ["--dist.timeout_s=15"]
+    logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
+    env = [{**hosts.env(node), "OMP_NUM_THREADS": "1"} for node in (0, 1)]
+    procs = [hosts.start(n, torchrun(hosts, n, *args), tmp_path, logs[n], env[n]) for n in (0, 1)]
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        assert procs[0].poll() is None, logs[0].read_text()[-3000:]
+        time.sleep(0.2)
+    hosts.stop(1)  # node 1 hangs: every process of it frozen, its connections open
+    stopped = time.monotonic()
+    procs[0].wait(timeout=120)
+    waited = time.monotonic() - stopped
+    log = logs[0].read_text()
+    assert procs[0].returncode != 0 and 10 < waited < 90, (waited, log[-3000:])
+    assert "distgan: error: a collective failed" in log and "no checkpoint was written yet" in log
