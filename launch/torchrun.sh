@@ -1,8 +1,17 @@
 #!/usr/bin/env bash
-# torchrun on one node with one process per GPU (or NPROC processes on the CPU, gloo), e.g.
+# torchrun with one process per GPU (or NPROC processes on the CPU, gloo), on one node or on each of NNODES, e.g.
 #   launch/torchrun.sh --config configs/celeba64.yaml
 #   NPROC=2 launch/torchrun.sh --run.device=cpu --train.steps=100
-# Everything after the script name goes to distgan.train; NPROC overrides the process count.
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 launch/torchrun.sh --config configs/celeba64.yaml   # on node 0
+#   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 launch/torchrun.sh --config configs/celeba64.yaml   # on node 1
+# Everything after the script name goes to distgan.train. Environment:
+#   NPROC        processes on this node (default: its GPUs, else 1)
+#   NNODES       nodes of the run (default 1: a standalone run)
+#   NODE_RANK    this node, 0 .. NNODES-1; node 0 hosts the rendezvous
+#   MASTER_ADDR  node 0's address, as the other nodes reach it; MASTER_PORT its port (default 29400)
+#   IFNAME       the network interface the nodes share (e.g. ib0, eth1): gloo and NCCL use it, and this node
+#                tells the others its address on it (otherwise it gives its hostname, which they must resolve)
+#   RDZV_ID      a name the nodes of one run share (default distgan)
 set -euo pipefail
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$(python -c "import torch; print(max(torch.cuda.device_count(), 1))")
@@ -10,4 +19,23 @@ fi
 # Restarted worker groups (--max-restarts) must not share the rendezvous store with the agent: they could read
 # the previous group's addresses from it and fail to connect (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-exec torchrun --standalone --nproc_per_node "$NPROC" -m distgan.train "$@"
+
+nodes=(--standalone)
+if [[ ${NNODES:-1} -gt 1 ]]; then
+  : "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1) on every node}"
+  : "${MASTER_ADDR:?set MASTER_ADDR to the address of node 0, on every node}"
+  # is_host: node 0 hosts the rendezvous store. torchrun guesses it by matching MASTER_ADDR against this
+  # machine's names, which fails where the address is not one it knows itself by (containers, namespaces).
+  nodes=(--nnodes "$NNODES" --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:${MASTER_PORT:-29400}"
+    --rdzv_id "${RDZV_ID:-distgan}" --rdzv_conf "is_host=$((NODE_RANK == 0 ? 1 : 0))")
+  if [[ -n ${IFNAME:-} ]]; then
+    export GLOO_SOCKET_IFNAME=$IFNAME NCCL_SOCKET_IFNAME=$IFNAME
+    address=$(ip -4 -o addr show dev "$IFNAME" | awk '{split($4, a, "/"); print a[1]; exit}')
+    if [[ -z $address ]]; then
+      echo "distgan: error: IFNAME=$IFNAME has no IPv4 address on this node" >&2
+      exit 2
+    fi
+    nodes+=(--local_addr "$address")
+  fi
+fi
+exec torchrun "${nodes[@]}" --nproc_per_node "$NPROC" -m distgan.train "$@"

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import netns
 import pytest
@@ -22,6 +23,8 @@ TINY = [
     "--log.report=false", "--eval.every=0",
 ]  # fmt: skip
 PORT = 29411
+ROOT = Path(__file__).parents[1]
+BIN = Path(sys.executable).parent  # torchrun, accelerate
 
 
 @pytest.fixture
@@ -65,23 +68,41 @@ def test_hosts_reach_each_other_only_by_address_and_are_always_deleted(tmp_path)
     assert names and not set(names) & set(netns.namespaces())
 
 
-def torchrun(hosts: netns.Hosts, node: int, *args: str) -> list[str]:
-    """torchrun for one node of two: c10d rendezvous hosted by node 0 at its address."""
-    host = ["--rdzv_conf", "is_host=1" if node == 0 else "is_host=0"]
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "2",
-        "--rdzv_backend", "c10d", "--rdzv_endpoint", f"{hosts.addrs[0]}:{PORT}", "--rdzv_id", "distgan-test",
-        "--local_addr", hosts.addrs[node], *host, "-m", "distgan.train", *TINY, *args,
-    ]  # fmt: skip
+def torchrun(hosts: netns.Hosts, node: int, *args: str) -> tuple[list[str], dict[str, str]]:
+    """launch/torchrun.sh for one node of two (2 processes each), meeting at node 0's address over the pair."""
+    env = {
+        "NNODES": "2", "NODE_RANK": str(node), "MASTER_ADDR": hosts.addrs[0], "MASTER_PORT": str(PORT),
+        "NPROC": "2", "IFNAME": hosts.ifaces[node], "RDZV_ID": "distgan-test",
+    }  # fmt: skip
+    return ["bash", str(ROOT / "launch/torchrun.sh"), *TINY, *args], env
 
 
-def run_nodes(hosts: netns.Hosts, tmp_path, cwds, *args: str, name: str = "node", timeout: float = 240) -> list[str]:
-    """Both nodes' torchrun, to the end; returns their logs (an assertion names a node that failed)."""
+def accelerate(hosts: netns.Hosts, node: int, *args: str) -> tuple[list[str], dict[str, str]]:
+    """accelerate launch with launch/accelerate/multinode.yaml for one node of two (4 processes in all)."""
+    config = ["--config_file", str(ROOT / "launch/accelerate/multinode.yaml"), "--num_processes", "4"]
+    where = ["--machine_rank", str(node), "--main_process_ip", hosts.addrs[0], "--main_process_port", str(PORT)]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", *config, *where, "--mixed_precision", "no"]
+    return [*launch, "-m", "distgan.train", *TINY, *args], {}
+
+
+def start_nodes(hosts: netns.Hosts, cwds, logs, *args: str, launcher=torchrun) -> list[subprocess.Popen]:
+    """Both nodes' launchers, started (one thread per process: 4 processes share the 2 cores)."""
+    procs = []
+    for node in (0, 1):
+        argv, env = launcher(hosts, node, *args)
+        env = {**hosts.env(node), "OMP_NUM_THREADS": "1", "PATH": f"{BIN}:{os.environ['PATH']}", **env}
+        procs.append(hosts.start(node, argv, cwds[node], logs[node], env))
+    return procs
+
+
+def run_nodes(
+    hosts: netns.Hosts, tmp_path, cwds, *args: str, launcher=torchrun, name: str = "node", timeout: float = 240
+) -> list[str]:
+    """Both nodes' launchers, to the end; returns their logs (an assertion names a node that failed)."""
     logs = [tmp_path / f"{name}{node}.log" for node in (0, 1)]
     for log in logs:
         log.write_text("")
-    env = [{**hosts.env(node), "OMP_NUM_THREADS": "1"} for node in (0, 1)]
-    procs = [hosts.start(n, torchrun(hosts, n, *args), cwds[n], logs[n], env[n]) for n in (0, 1)]
+    procs = start_nodes(hosts, cwds, logs, *args, launcher=launcher)
     for node, proc in enumerate(procs):
         proc.wait(timeout=timeout)
         assert proc.returncode == 0, f"node {node} exited {proc.returncode}:\n{logs[node].read_text()[-3000:]}"
@@ -92,38 +113,44 @@ def rows(run_dir) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_nodes_train_one_run_that_one_node_writes_and_one_host_reproduces(hosts, tmp_path):
+SHORT = ["--run.dir=run", "--train.steps=6", "--log.every=2", "--checkpoint.every=4", "--log.images_every=6"]
+
+
+@pytest.fixture(scope="module")
+def one_host(tmp_path_factory):
+    """The same short run as 4 processes on one host: what the two nodes must reproduce."""
+    cwd = tmp_path_factory.mktemp("one_host")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
+    done = subprocess.run(
+        [*launch, "-m", "distgan.train", *TINY, *SHORT], cwd=cwd, capture_output=True, text=True, timeout=240,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return cwd / "run"
+
+
+@pytest.mark.parametrize("launcher", [torchrun, accelerate], ids=["torchrun", "accelerate"])
+def test_two_nodes_train_one_run_that_one_node_writes_and_one_host_reproduces(hosts, tmp_path, one_host, launcher):
     cwds = [tmp_path / "node0", tmp_path / "node1"]  # node-local disks: a relative run.dir lands on each
     for cwd in cwds:
         cwd.mkdir()
-    args = ["--run.dir=run", "--train.steps=6", "--log.every=2", "--checkpoint.every=4", "--log.images_every=6"]
-    logs = run_nodes(hosts, tmp_path, cwds, *args)
+    logs = run_nodes(hosts, tmp_path, cwds, *SHORT, launcher=launcher)
 
     assert "4 process(es) on cpu" in logs[0]
     assert [r["step"] for r in rows(cwds[0] / "run")] == [2, 4, 6]
     assert not (cwds[1] / "run").exists()  # node 1's local rank 0 wrote nothing
-
-    single = tmp_path / "single"
-    single.mkdir()
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4"]
-    done = subprocess.run(
-        [*launch, "-m", "distgan.train", *TINY, *args], cwd=single, capture_output=True, text=True, timeout=240,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    for a, b in zip(rows(cwds[0] / "run"), rows(single / "run"), strict=True):
+    for a, b in zip(rows(cwds[0] / "run"), rows(one_host), strict=True):
         for key in ("loss/D", "loss/G", "D/real", "grad_norm/D", "grad_norm/G"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
-    assert_same_weights(final_state(cwds[0] / "run"), final_state(single / "run"))
+    assert_same_weights(final_state(cwds[0] / "run"), final_state(one_host))
 
 
 def test_a_dead_node_stops_the_other_and_the_same_commands_resume(hosts, tmp_path):
     run_dir = tmp_path / "run"  # shared by both nodes, like a cluster's shared file system
-    args = [f"--run.dir={run_dir}", "--train.steps=300", "--log.every=10", "--checkpoint.every=20"]
-    args += ["--log.images_every=300"]
+    args = [f"--run.dir={run_dir}", "--train.steps=150", "--log.every=10", "--checkpoint.every=20"]
+    args += ["--log.images_every=150"]
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
-    env = [{**hosts.env(node), "OMP_NUM_THREADS": "1"} for node in (0, 1)]
-    procs = [hosts.start(n, torchrun(hosts, n, *args), tmp_path, logs[n], env[n]) for n in (0, 1)]
+    procs = start_nodes(hosts, [tmp_path, tmp_path], logs, *args)
     deadline = time.monotonic() + 240
     while not checkpoint.list_checkpoints(run_dir) and time.monotonic() < deadline:
         assert procs[0].poll() is None, logs[0].read_text()[-3000:]
@@ -138,21 +165,20 @@ def test_a_dead_node_stops_the_other_and_the_same_commands_resume(hosts, tmp_pat
     saved = checkpoint.list_checkpoints(run_dir)[-1]
     assert "distgan: error: a collective failed: another process of the run stopped or stalled" in log
     assert f"the newest checkpoint is {saved}; run the same command again (on every node) to resume" in log
-    assert saved.name != "step_00000300.pt"
+    assert saved.name != "step_00000150.pt"
 
     logs = run_nodes(hosts, tmp_path, [tmp_path, tmp_path], *args, name="resumed")  # the same commands
     assert f"resumed from {saved}" in logs[0]
-    assert checkpoint.list_checkpoints(run_dir)[-1].name == "step_00000300.pt"
+    assert checkpoint.list_checkpoints(run_dir)[-1].name == "step_00000150.pt"
     steps = [r["step"] for r in rows(run_dir)]
-    assert steps == list(range(10, 301, 10))  # rows of repeated steps were dropped, none lost
+    assert steps == list(range(10, 151, 10))  # rows of repeated steps were dropped, none lost
 
 
 def test_a_hung_node_stops_the_other_after_dist_timeout(hosts, tmp_path):
     args = [f"--run.dir={tmp_path / 'run'}", "--train.steps=100000", "--log.every=10", "--checkpoint.every=0"]
     args += ["--dist.timeout_s=15"]
     logs = [tmp_path / "node0.log", tmp_path / "node1.log"]
-    env = [{**hosts.env(node), "OMP_NUM_THREADS": "1"} for node in (0, 1)]
-    procs = [hosts.start(n, torchrun(hosts, n, *args), tmp_path, logs[n], env[n]) for n in (0, 1)]
+    procs = start_nodes(hosts, [tmp_path, tmp_path], logs, *args)
     deadline = time.monotonic() + 240
     while not (tmp_path / "run" / "metrics.jsonl").exists() and time.monotonic() < deadline:
         assert procs[0].poll() is None, logs[0].read_text()[-3000:]
