@@ -42,7 +42,8 @@ python=${PYTHON:-python}
 gpus_on_node=${SLURM_GPUS_ON_NODE:-0}
 nproc=${NPROC_PER_NODE:-$((gpus_on_node > 0 ? gpus_on_node : 1))}
 nnodes=${SLURM_NNODES:-1}
-head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The head (node 0) by its hostname, which every node must resolve; MASTER_ADDR overrides it with an address.
+head=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
 port=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}  # per job, so jobs sharing a node do not collide
 
 # Threads per process: the task's CPUs shared among the node's processes (torch would take every core each).
@@ -50,8 +51,14 @@ cpus=${SLURM_CPUS_PER_TASK:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1))}
 # torchrun restarts: workers must not reuse the store address of the group that died (pytorch/pytorch#135712).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-# NCCL: warnings only; set NCCL_SOCKET_IFNAME (e.g. ib0) where the default interface is not the fast one.
+# NCCL: warnings only. IFNAME (e.g. ib0) names the interface the nodes share where the default one is not it:
+# gloo and NCCL use it, and torchrun tells the other nodes this node's address on it instead of its hostname.
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+local_addr=""
+if [[ -n ${IFNAME:-} ]]; then
+    export GLOO_SOCKET_IFNAME=$IFNAME NCCL_SOCKET_IFNAME=$IFNAME
+    local_addr=" --local_addr \$(ip -4 -o addr show dev $IFNAME | awk '{split(\$4, a, \"/\"); print a[1]; exit}')"
+fi
 
 if [[ ${LAUNCHER:-torchrun} == accelerate ]]; then
     # accelerate needs each node's rank: $SLURM_NODEID is expanded inside the task, on its node.
@@ -60,8 +67,11 @@ if [[ ${LAUNCHER:-torchrun} == accelerate ]]; then
     launch+=" --machine_rank \$SLURM_NODEID --main_process_ip $head --main_process_port $port"
     launch+=" --rdzv_backend c10d --same_network --module distgan.train"
 else
+    # Node 0 hosts the rendezvous (is_host: torchrun's own guess fails where the head's name is not one the node
+    # knows itself by); $SLURM_NODEID and the address are expanded inside the task, on its node.
     launch="$python -m torch.distributed.run --nnodes $nnodes --nproc_per_node $nproc --rdzv_backend c10d"
-    launch+=" --rdzv_endpoint $head:$port --rdzv_id $SLURM_JOB_ID --max-restarts ${MAX_RESTARTS:-0} -m distgan.train"
+    launch+=" --rdzv_endpoint $head:$port --rdzv_id $SLURM_JOB_ID --max-restarts ${MAX_RESTARTS:-0}"
+    launch+=" --rdzv_conf is_host=\$((SLURM_NODEID == 0 ? 1 : 0))$local_addr -m distgan.train"
 fi
 args=$(printf ' %q' "--config=$config" "$@")
 

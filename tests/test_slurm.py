@@ -24,11 +24,13 @@ def cluster(tmp_path_factory):
         yield running
 
 
-def submit(cluster: SlurmCluster, work: Path, *args: str, launcher: str = "torchrun") -> int:
+def submit(cluster: SlurmCluster, work: Path, *args: str, launcher: str = "torchrun", **env: str) -> int:
     """sbatch slurm/train.sh with 2 processes on the CPU, W&B offline, from `work` (where its log goes)."""
     work.mkdir()
+    for key in ("IFNAME", "MASTER_ADDR"):
+        cluster.env.pop(key, None)
     cluster.env.update(NPROC_PER_NODE="2", PYTHON=sys.executable, WANDB_MODE="offline", HOME=str(work))
-    cluster.env.update(LAUNCHER=launcher)
+    cluster.env.update(LAUNCHER=launcher, **env)
     script, config = ROOT / "slurm" / "train.sh", ROOT / "configs" / "digits32.yaml"
     return cluster.sbatch(
         ["--cpus-per-task=2", str(script), str(config), *TINY, f"--run.dir={work / 'run'}", *args], work
@@ -39,13 +41,19 @@ def steps(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
-def test_sbatch_train_sh_runs_two_processes_to_the_end(cluster, tmp_path, launcher):
-    job = submit(cluster, tmp_path / "work", "--train.steps=30", launcher=launcher)
+@pytest.mark.parametrize(
+    "launcher, env",
+    [("torchrun", {}), ("accelerate", {}), ("torchrun", {"IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"})],
+    ids=["torchrun", "accelerate", "torchrun-ifname"],
+)
+def test_sbatch_train_sh_runs_two_processes_to_the_end(cluster, tmp_path, launcher, env):
+    job = submit(cluster, tmp_path / "work", "--train.steps=30", launcher=launcher, **env)
     state = cluster.wait(job, timeout=240)
     log = (tmp_path / "work" / f"distgan-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:] + cluster.log_tails()
     assert f"distgan: job {job} (restart 0) on 1 node(s) x 2 process(es), head " in log and f", {launcher}," in log
+    if env:  # the head by address, this node's address read off the interface
+        assert "head 127.0.0.1:" in log
     assert "2 process(es) on cpu, fp32, batch 16 (8 per process), synced batch norm" in log
     assert steps(tmp_path / "work" / "run") == [10, 20, 30]
     assert (tmp_path / "work" / "run" / "checkpoints" / "step_00000030.pt").exists()
