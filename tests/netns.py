@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 SUBNET = "10.77.0"  # private addresses, inside namespaces this module creates and deletes
+IFACE = "dgnet0"  # each host's end of the pair
 
 
 class Refused(RuntimeError):
@@ -33,7 +34,8 @@ class Hosts:
     def __init__(self, tag: str | None = None, count: int = 2):
         tag = tag or str(os.getpid() % 100000)
         self.names = [f"dg{tag}n{i}" for i in range(count)]
-        self.ifaces = [f"dg{tag}v{i}" for i in range(count)]  # at most 15 characters
+        self._pair = [f"dg{tag}v{i}" for i in range(count)]  # their names while both are on this machine
+        self.ifaces = [IFACE] * count  # inside each host the same name, as eth0 on every node of a cluster
         self.addrs = [f"{SUBNET}.{i + 1}" for i in range(count)]
         self._procs: list[subprocess.Popen] = []
         self.up_ = False
@@ -49,9 +51,10 @@ class Hosts:
             raise Refused(str(e)) from None
         try:
             _ip("netns", "add", self.names[1])
-            _ip("link", "add", self.ifaces[0], "type", "veth", "peer", "name", self.ifaces[1])
-            for name, iface, addr in zip(self.names, self.ifaces, self.addrs):
-                _ip("link", "set", iface, "netns", name)
+            _ip("link", "add", self._pair[0], "type", "veth", "peer", "name", self._pair[1])
+            for name, pair, iface, addr in zip(self.names, self._pair, self.ifaces, self.addrs):
+                _ip("link", "set", pair, "netns", name)
+                _ip("-n", name, "link", "set", pair, "name", iface)
                 _ip("-n", name, "addr", "add", f"{addr}/24", "dev", iface)
                 _ip("-n", name, "link", "set", iface, "up")
                 _ip("-n", name, "link", "set", "lo", "up")

@@ -113,6 +113,11 @@ class SlurmCluster:
     ``cpus`` is the node's CPU count as Slurm sees it (it may differ from the machine's). ``cred_expire`` is how many
     seconds (+1) a requeued job waits before it may start again (5 at least; None: Slurm's 120). ``settings`` adds
     or overrides slurm.conf lines (``{"KillWait": "5"}``).
+
+    ``hosts`` (a started ``netns.Hosts``) makes it a cluster of one node per host, ``node0``, ``node1``, ... at the
+    hosts' addresses: slurmctld and node0's slurmd run on host 0, node1's slurmd on host 1, each daemon entering
+    only its host's network namespace (``nsenter --net``; ``ip netns exec`` would also remount /sys, where slurmd
+    needs the machine's cgroups). Commands run on host 0, the login node. ``cpus`` is then per node.
     """
 
     def __init__(
@@ -122,12 +127,17 @@ class SlurmCluster:
         *,
         cred_expire: int | None = 10,
         settings: dict[str, str] | None = None,
+        hosts=None,
     ):
         self.root = Path(root).resolve()
         self.cpus = cpus
         self.cred_expire = cred_expire
         self.settings = dict(settings or {})
-        self.node = socket.gethostname().split(".")[0]  # slurmctld only runs on the host SlurmctldHost names
+        self.host = socket.gethostname().split(".")[0]  # slurmctld only runs on the host SlurmctldHost names
+        self.hosts = hosts
+        self.nodes = [f"node{i}" for i in range(len(hosts.names))] if hosts else [self.host]
+        self.addrs = list(hosts.addrs) if hosts else ["127.0.0.1"]
+        self.node = self.nodes[0]
         self.conf = self.root / "slurm.conf"
         self.logs = self.root / "log"
         self.munge_socket = self.root / "munge" / "munge.socket"
@@ -151,7 +161,7 @@ class SlurmCluster:
         self._stop()
 
     def _start(self) -> None:
-        for sub in ("munge", "state", "spool", "log", "run"):
+        for sub in ("munge", "state", "spool", "log", "run", *(f"spool/{node}" for node in self.nodes)):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         munge = self.root / "munge"
         munge.chmod(0o700)  # munged refuses a socket directory that others may write to
@@ -163,9 +173,19 @@ class SlurmCluster:
         self._spawn("munged", ["munged", "--foreground", "--force", *files, f"--seed-file={munge / 'munged.seed'}"])
         self._wait_for(lambda: self.munge_socket.exists(), 15, "munged did not create its socket")
         self._write_conf()
-        self._spawn("slurmctld", ["slurmctld", "-D", "-i", "-f", str(self.conf)])
-        self._spawn("slurmd", ["slurmd", "-D", "-N", self.node, "-f", str(self.conf)])
-        self._wait_for(lambda: self.node_state() == "idle", 60, "the node did not become idle")
+        self._spawn("slurmctld", [*self._on(0), "slurmctld", "-D", "-i", "-f", str(self.conf)])
+        for i, node in enumerate(self.nodes):
+            self._spawn(self._slurmd(i), [*self._on(i), "slurmd", "-D", "-N", node, "-f", str(self.conf)])
+        self._wait_for(lambda: self.node_state() == "idle", 60, "the node(s) did not become idle")
+
+    def _on(self, index: int) -> list[str]:
+        """The prefix that runs a command on host `index` (nothing for a single-host cluster)."""
+        if self.hosts is None:
+            return []
+        return [_which("nsenter") or "nsenter", f"--net=/run/netns/{self.hosts.names[index]}"]
+
+    def _slurmd(self, index: int) -> str:
+        return "slurmd" if index == 0 else f"slurmd{index}"
 
     def _write_conf(self) -> None:
         mem_kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
@@ -173,7 +193,7 @@ class SlurmCluster:
         ctld_port, slurmd_port = _free_ports(2)
         conf = {
             "ClusterName": "distgan-test",
-            "SlurmctldHost": f"{self.node}(127.0.0.1)",
+            "SlurmctldHost": f"{self.host}({self.addrs[0]})",
             "SlurmctldPort": str(ctld_port),
             "SlurmdPort": str(slurmd_port),
             "SlurmUser": user,
@@ -184,11 +204,11 @@ class SlurmCluster:
             "AuthInfo": f"socket={self.munge_socket}"
             + (f",cred_expire={self.cred_expire}" if self.cred_expire is not None else ""),
             "StateSaveLocation": str(self.root / "state"),
-            "SlurmdSpoolDir": str(self.root / "spool"),
+            "SlurmdSpoolDir": str(self.root / "spool" / "%n"),
             "SlurmctldLogFile": str(self.logs / "slurmctld.log"),
-            "SlurmdLogFile": str(self.logs / "slurmd.log"),
+            "SlurmdLogFile": str(self.logs / "slurmd%n.log"),
             "SlurmctldPidFile": str(self.root / "run" / "slurmctld.pid"),
-            "SlurmdPidFile": str(self.root / "run" / "slurmd.pid"),
+            "SlurmdPidFile": str(self.root / "run" / "slurmd%n.pid"),
             "ProctrackType": "proctrack/linuxproc",
             "TaskPlugin": "task/none",
             "JobAcctGatherType": "jobacct_gather/none",
@@ -209,10 +229,12 @@ class SlurmCluster:
             **self.settings,
         }
         lines = [f"{name}={value}" for name, value in conf.items()]
+        memory = mem_kib // 1024 // len(self.nodes)
         lines += [
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={mem_kib // 1024} State=UNKNOWN",
-            "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+            f"NodeName={node} NodeAddr={addr} CPUs={self.cpus} RealMemory={memory} State=UNKNOWN"
+            for node, addr in zip(self.nodes, self.addrs)
         ]
+        lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
 
     def _spawn(self, name: str, command: list[str]) -> None:
@@ -249,7 +271,7 @@ class SlurmCluster:
                     while self.run(["squeue", "-h", "-o", "%i"], check=False).split() and time.monotonic() < deadline:
                         time.sleep(0.5)
         others = self._cluster_pids()  # slurmstepd and job processes: children of init, not of the daemons
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in (*(self._slurmd(i) for i in range(len(self.nodes))), "slurmctld", "munged"):
             proc = self._procs.pop(name, None)
             if proc is None or proc.poll() is not None:
                 continue
@@ -291,14 +313,18 @@ class SlurmCluster:
 
     def run(self, command: list[str], *, check: bool = True, cwd: str | os.PathLike | None = None) -> str:
         """Run a Slurm command against this cluster; its stdout (RuntimeError with stderr when it fails and check)."""
-        result = subprocess.run(command, env=self.env, cwd=cwd, capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [*self._on(0), *command], env=self.env, cwd=cwd, capture_output=True, text=True, timeout=60
+        )
         if check and result.returncode:
             raise RuntimeError(f"`{' '.join(command)}` failed ({result.returncode}): {result.stderr.strip()}")
         return result.stdout
 
     def node_state(self) -> str:
-        """The node's state as sinfo shows it (idle, alloc, mix, down, ...), or '' if slurmctld does not answer."""
-        return self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).strip().rstrip("*~#")
+        """The nodes' state as sinfo shows it (idle, alloc, mix, down, ...; 'idle' when all are), or '' if
+        slurmctld does not answer."""
+        states = {s.rstrip("*~#") for s in self.run(["sinfo", "-h", "-N", "-o", "%T"], check=False).split()}
+        return states.pop() if len(states) == 1 else " ".join(sorted(states))
 
     def sbatch(self, args: list[str], cwd: str | os.PathLike | None = None) -> int:
         """Submit a batch job (``sbatch --parsable ARGS`` in ``cwd``); its job id."""
@@ -360,8 +386,10 @@ class SlurmCluster:
     def log_tails(self, lines: int = 25) -> str:
         """The last lines of each daemon's log (or of its output, if it died before opening the log), for errors."""
         parts = []
-        for name in ("slurmctld", "slurmd", "munged"):
+        for name in ("slurmctld", *(self._slurmd(i) for i in range(len(self.nodes))), "munged"):
             log = self.logs / f"{name}.log"
+            if name.startswith("slurmd"):
+                log = self.logs / f"slurmd{self.nodes[int(name[6:] or 0)]}.log"
             if not log.exists() or not log.stat().st_size:
                 log = self.logs / f"{name}.out"  # the daemon's stdout and stderr (all munged writes)
             parts.append(f"--- {log.name} ---\n{_tail(log, lines)}\n")

@@ -190,3 +190,27 @@ def test_a_hung_node_stops_the_other_after_dist_timeout(hosts, tmp_path):
     log = logs[0].read_text()
     assert procs[0].returncode != 0 and 10 < waited < 90, (waited, log[-3000:])
     assert "distgan: error: a collective failed" in log and "no checkpoint was written yet" in log
+
+
+def test_sbatch_runs_one_job_across_two_slurm_nodes(hosts, tmp_path):
+    from slurm_cluster import SlurmCluster, slurm_available
+
+    reason = slurm_available()
+    if reason:
+        pytest.skip(reason)
+    with SlurmCluster(tmp_path / "slurm", cpus=1, hosts=hosts) as cluster:  # node0 on host 0, node1 on host 1
+        work = tmp_path / "work"
+        work.mkdir()
+        cluster.env.update(
+            NPROC_PER_NODE="1", PYTHON=sys.executable, WANDB_MODE="disabled", HOME=str(work),
+            MASTER_ADDR=hosts.addrs[0], IFNAME=netns.IFACE,  # node names do not resolve here: addresses do
+        )  # fmt: skip
+        script, config = ROOT / "slurm" / "train.sh", ROOT / "configs" / "digits32.yaml"
+        args = [*TINY, "--train.steps=20", "--log.every=10", f"--run.dir={work / 'run'}"]
+        job = cluster.sbatch(["--nodes=2", "--cpus-per-task=1", str(script), str(config), *args], work)
+        state = cluster.wait(job, timeout=240)
+        log = (work / f"distgan-{job}.out").read_text()
+        assert state == "COMPLETED", log[-3000:] + cluster.log_tails()
+    assert f"distgan: job {job} (restart 0) on 2 node(s) x 1 process(es), head {hosts.addrs[0]}:" in log
+    assert "2 process(es) on cpu, fp32, batch 16 (8 per process), synced batch norm" in log
+    assert [r["step"] for r in rows(work / "run")] == [10, 20]
