@@ -1,4 +1,3 @@
-import contextlib
 import os
 import subprocess
 import sys
@@ -104,15 +103,9 @@ def descendants(pid: int) -> list[int]:
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL a process and all its descendants at once: a crashed node, not a signal a launcher forwards."""
-    import signal
+    from netns import kill_all
 
-    pids = [proc.pid, *descendants(proc.pid)]
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGSTOP)  # frozen first, so none can react to the others' deaths
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_all([proc.pid, *descendants(proc.pid)])
     proc.wait()
 
 

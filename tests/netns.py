@@ -99,24 +99,30 @@ class Hosts:
     def stop(self, node: int) -> list[int]:
         """SIGSTOP every process of `node`: a hung machine, its connections still open; returns their pids."""
         pids = self.pids(node)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
+        signal_all(pids, signal.SIGSTOP)
         return pids
 
     def kill(self, node: int) -> list[int]:
         """SIGKILL every process of `node` at once, as when the machine dies; returns their pids."""
         pids = self.pids(node)
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)  # frozen first, so none can react to the others' deaths
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_all(pids)
         deadline = time.monotonic() + 10
         while self.pids(node) and time.monotonic() < deadline:
             time.sleep(0.05)
         return pids
+
+
+def signal_all(pids: list[int], signum: int) -> None:
+    """Send a signal to each of the processes that still exist."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL processes at once: all are frozen first, so none can react to the others' deaths."""
+    signal_all(pids, signal.SIGSTOP)
+    signal_all(pids, signal.SIGKILL)
 
 
 def namespaces() -> list[str]:
