@@ -246,14 +246,16 @@ def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size:
     per_rank = batch_size // world
     shape = (2,) if is_points(cfg) else (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     real, z = torch.rand(per_rank, *shape) * 2 - 1, torch.randn(per_rank, cfg.model.nz)
-    train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss, Precision("fp32", accelerator.device), D_plain)
+    step = (G, D, opt_g, opt_d, real, z, cfg.train.loss, Precision("fp32", accelerator.device), D_plain)
+    train_step(*step)
     buckets.clear()  # DDP rebuilds its buckets after the first step: measure the second
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        train_step(G, D, opt_g, opt_d, real, z, cfg.train.loss, Precision("fp32", accelerator.device), D_plain)
+        train_step(*step)
     calls: dict[str, int] = {}
     for event in prof.events():
         if event.name.startswith("gloo:"):
-            calls[event.name.removeprefix("gloo:")] = calls.get(event.name.removeprefix("gloo:"), 0) + 1
+            name = event.name.removeprefix("gloo:")
+            calls[name] = calls.get(name, 0) + 1
     if rank == 0:
         queue.put({"buckets": buckets, "calls": calls})
     accelerator.end_training()
