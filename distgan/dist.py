@@ -16,7 +16,7 @@ from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+from accelerate.utils import DistributedDataParallelKwargs
 from torch import nn
 
 from distgan.config import Config, ConfigError
@@ -45,8 +45,9 @@ def setup(cfg: Config) -> Accelerator:
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # from the launcher: refuse before joining the group, so
     if cfg.train.batch_size % launched:  # that no rank leaves while another is still connecting to it
         raise ConfigError(f"train.batch_size {cfg.train.batch_size} is not divisible by the {launched} processes")
-    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))
-    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp, timeout])
+    accelerator = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    if torch.distributed.is_initialized():  # how long a collective waits for a hung process (dist.timeout_s)
+        torch.distributed.set_timeout(timedelta(seconds=cfg.dist.timeout_s))
     if cfg.train.batch_size % accelerator.num_processes:
         raise ConfigError(
             f"train.batch_size {cfg.train.batch_size} is not divisible by the {accelerator.num_processes} processes"

@@ -334,6 +334,11 @@ def train(cfg: Config) -> None:
         signals.restore()
         tracker.close(exit_code, preempted)  # marks a crashed or preempted W&B run as such
     accelerator.end_training()  # every rank got here together: the process group is taken down cleanly
+    if world > 1:
+        # gloo's worker threads drop the last collectives' tensors just after those return, which takes the GIL;
+        # a process that reaches interpreter shutdown first aborts ("terminate called without an active
+        # exception": 2 of 12 two-process CPU runs, core dump read in #10). A pause hands them the GIL.
+        time.sleep(0.2)
     if exit_code == Stopped.EXIT_CODE:
         raise Stopped(Stopped.EXIT_CODE)
 
