@@ -1,0 +1,105 @@
+"""Pinned results: refactoring the trainer must not change what it computes, nor orphan older checkpoints.
+
+The digests were recorded with the code before TrainState and Runtime existed (commit c797c4f): 20 steps of a
+tiny digits DCGAN, fp32, in one process (2 threads) and in two torchrun processes with synced batch norm (1
+thread each). Float kernels differ between CPUs and torch releases, so the pins are checked only where they
+were recorded; everywhere, the checkpoint fixture written by that code must resume to the run it came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, tiny_config
+
+from distgan import checkpoint
+from distgan.train import train
+
+FIXTURE = ROOT / "tests" / "fixtures" / "checkpoint_v0_step10.pt"  # step 10 of PIN's run, written by c797c4f
+PIN = {
+    "model.ngf": 4,
+    "model.ndf": 4,
+    "train.steps": 20,
+    "checkpoint.every": 10,
+    "checkpoint.keep": 5,
+    "log.every": 5,
+    "log.images_every": 20,
+}
+ONE_PROCESS = "b9ea6922ed7f61539858629b5f5a04ddf5253c5c4758364b0c344f220e7f0a75"
+TWO_PROCESSES = "914255987bb21b38d52367f13c60409f46fa07cc3fef8a7d2050b20f034102d1"
+RECORDED_ON = "torch 2.14.1+cu130, ATen AVX2, no AVX-512"
+
+
+def kernels() -> str:
+    """What decides the float kernels a CPU run uses: torch's release, its ATen level and the AVX-512 flags."""
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    avx512 = sorted(f for f in flags if f.startswith(("avx512", "amx")))
+    return (
+        f"torch {torch.__version__}, ATen {torch.backends.cpu.get_cpu_capability()}, "
+        f"{' '.join(avx512) if avx512 else 'no AVX-512'}"
+    )
+
+
+pinned_here = pytest.mark.skipif(
+    not Path("/proc/cpuinfo").exists() or kernels() != RECORDED_ON,
+    reason=f"the digests were recorded on {RECORDED_ON}",
+)
+
+
+def digest(state: dict) -> str:
+    """sha256 of G, D and G_ema's tensors, in key order."""
+    h = hashlib.sha256()
+    for net in ("G", "D", "G_ema"):
+        for key, value in sorted(state[net].items()):
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def final_digest(run_dir: Path) -> str:
+    return digest(checkpoint.load(checkpoint.path_for(run_dir, 20)))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> str:
+    run_dir = tmp_path_factory.mktemp("pins") / "straight"
+    train(tiny_config(run_dir, **PIN))
+    return final_digest(run_dir)
+
+
+@pinned_here
+def test_one_process_computes_the_pinned_weights(straight):
+    assert straight == ONE_PROCESS
+
+
+@pinned_here
+def test_two_processes_with_synced_batch_norm_compute_the_pinned_weights(tmp_path):
+    keys = {**PIN, "model.nz": 16, "train.batch_size": 16, "log.progress": False, "eval.every": 0, "log.report": False}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "distgan.train", f"--run.dir={tmp_path / 'two'}"]
+    result = subprocess.run(
+        cmd + [f"--{k}={v}" for k, v in keys.items()], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert final_digest(tmp_path / "two") == TWO_PROCESSES
+
+
+def test_a_checkpoint_of_the_earlier_format_resumes_to_the_same_weights(tmp_path, straight):
+    run_dir = tmp_path / "resumed"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(FIXTURE, checkpoint.path_for(run_dir, 10))
+    train(tiny_config(run_dir, **PIN))
+    assert final_digest(run_dir) == straight
