@@ -216,8 +216,8 @@ def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.profiler import ProfilerActivity, profile
 
-    from distgan import dist
     from distgan.config import is_points, load_config
+    from distgan.dist import Runtime
     from distgan.models import build_models
     from distgan.precision import Precision
     from distgan.train import train_step
@@ -229,9 +229,9 @@ def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size:
         "dist.sync_bn": sync_bn,
     }
     cfg = load_config(config, overrides)
-    accelerator = dist.setup(cfg)
+    runtime = Runtime(cfg, batch_size=batch_size)
     torch.manual_seed(0)
-    G, D = dist.wrap(accelerator, cfg, *build_models(cfg.model, points=is_points(cfg)))
+    G, D = runtime.wrap(*build_models(cfg.model, points=is_points(cfg)), sync_bn=cfg.dist.sync_bn)
     buckets: list[tuple[str, int]] = []
 
     def recording_allreduce(name: str, bucket):
@@ -240,13 +240,12 @@ def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size:
 
     G.register_comm_hook("G", recording_allreduce)
     D.register_comm_hook("D", recording_allreduce)
-    D_plain = dist.unwrap(accelerator, D)
-    opt_g = torch.optim.Adam(dist.unwrap(accelerator, G).parameters(), fused=True)
-    opt_d = torch.optim.Adam(D_plain.parameters(), fused=True)
+    opt_g = torch.optim.Adam(runtime.unwrap(G).parameters(), fused=True)
+    opt_d = torch.optim.Adam(runtime.unwrap(D).parameters(), fused=True)
     per_rank = batch_size // world
     shape = (2,) if is_points(cfg) else (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
     real, z = torch.rand(per_rank, *shape) * 2 - 1, torch.randn(per_rank, cfg.model.nz)
-    step = (G, D, opt_g, opt_d, real, z, cfg.train.loss, Precision("fp32", accelerator.device), D_plain)
+    step = (G, D, opt_g, opt_d, real, z, cfg.train.loss, Precision("fp32", runtime.device))
     train_step(*step)
     buckets.clear()  # DDP rebuilds its buckets after the first step: measure the second
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -258,7 +257,7 @@ def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size:
             calls[name] = calls.get(name, 0) + 1
     if rank == 0:
         queue.put({"buckets": buckets, "calls": calls})
-    accelerator.end_training()
+    runtime.close()
 
 
 def collectives(

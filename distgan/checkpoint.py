@@ -1,27 +1,32 @@
 """Checkpoints: written by rank 0 only, atomically (temporary file, fsync, rename), loaded with weights_only.
 
-What a checkpoint holds is assembled in train.py (`save_checkpoint`); this module decides how it reaches the
-disk, which files are kept, what "the newest valid checkpoint" is, and whether a config may resume from it.
+What a checkpoint holds is decided in state.py (`TrainState`); this module decides how it reaches the disk,
+which files are kept and what "the newest valid checkpoint" is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import random
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from distgan.config import Config, ConfigError
+from distgan.files import atomic_write
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
-# Keys that define tensor shapes: a checkpoint cannot be resumed under other values.
-SHAPE_KEYS = ("arch", "image_size", "channels", "nz", "ngf", "ndf", "mlp_hidden")
+
+
+class Found(NamedTuple):
+    """A checkpoint file and its content."""
+
+    path: Path
+    state: dict
 
 
 class CheckpointError(RuntimeError):
@@ -40,28 +45,14 @@ def save(path: Path, state: dict, is_main: bool) -> None:
     """
     if not is_main:
         return
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # in memory first: torch's zip writer turns a full disk into a RuntimeError
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(state, buffer)  # in memory first: torch's zip writer turns a full disk into a RuntimeError
-        with open(tmp, "wb") as f:
-            f.write(buffer.getbuffer())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+        atomic_write(path, lambda f: f.write(buffer.getbuffer()), durable=True)
     except OSError as e:
         raise CheckpointError(
             f"could not write checkpoint {path}: {e.strerror or e}; the earlier checkpoints are intact"
         ) from e
-    finally:
-        with contextlib.suppress(OSError):  # nothing to remove, or a folder that never was one
-            tmp.unlink()
 
 
 def remove_partial(run_dir: str | Path, is_main: bool = True) -> None:
@@ -97,17 +88,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
 
 
-def check_compatible(stored: dict, cfg: Config, path: str | Path) -> None:
-    """ConfigError naming the first shape-defining model key that differs from the checkpoint's config."""
-    for key in SHAPE_KEYS:
-        then, now = stored["model"][key], getattr(cfg.model, key)
-        if then != now:
-            raise ConfigError(
-                f"model.{key} is {now!r} but {path} was trained with {then!r}; shape-defining keys cannot change "
-                f"on resume (set it back, or start a new run.dir)"
-            )
-
-
 def rng_state() -> dict:
     """This process's RNG states (Python, NumPy, torch, CUDA) in types that weights_only loading accepts."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()  # ("MT19937", uint32 keys, ...)
@@ -130,7 +110,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_latest(run_dir: str | Path, quarantine: bool = False) -> tuple[Path, dict] | None:
+def load_latest(run_dir: str | Path, quarantine: bool = False) -> Found | None:
     """The newest checkpoint that loads; unreadable newer ones are reported and skipped.
 
     With quarantine (the main process of a run that resumes), a skipped file is renamed to *.unreadable: kept
@@ -138,7 +118,7 @@ def load_latest(run_dir: str | Path, quarantine: bool = False) -> tuple[Path, di
     """
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return path, load(path)
+            return Found(path, load(path))
         except Exception as e:  # a truncated or corrupt file: fall back to the one before
             print(f"distgan: warning: skipping unreadable checkpoint {path}: {e}", file=sys.stderr)
             if quarantine:

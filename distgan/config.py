@@ -19,8 +19,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-DATA_SOURCES = ("digits", "synthetic", "shards", "folder", "ring8", "grid25")
-POINT_SOURCES = ("ring8", "grid25")  # 2-D Gaussian mixtures (distgan/toy.py), for the MLP GAN
+from distgan.losses import LOSSES
+from distgan.toy import MIXTURES  # the 2-D Gaussian mixtures, data sources of points for the MLP GAN
+
+DATA_SOURCES = ("digits", "synthetic", "shards", "folder", *MIXTURES)
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -28,7 +30,13 @@ class ConfigError(ValueError):
     """A bad config value or file, detected before any training work (exit code 2)."""
 
 
-def opt(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None) -> Any:
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none), for one-line reports."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def option(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None) -> Any:
     """A config field with its documentation and the constraints a type cannot express."""
     meta = {"doc": doc, "choices": choices, "minimum": minimum}
     if isinstance(default, list):
@@ -38,88 +46,88 @@ def opt(default: Any, doc: str, *, choices: tuple | None = None, minimum: float 
 
 @dataclass
 class RunConfig:
-    dir: str = opt("", "Run directory (config, metrics, samples, checkpoints); empty: runs/<config file stem>.")
-    seed: int = opt(0, "Seed of weights, data order, noise and the fixed sample batch.")
-    device: str = opt("auto", "auto: CUDA when available, else CPU; cpu: force the CPU.", choices=("auto", "cpu"))
+    dir: str = option("", "Run directory (config, metrics, samples, checkpoints); empty: runs/<config file stem>.")
+    seed: int = option(0, "Seed of weights, data order, noise and the fixed sample batch.")
+    device: str = option("auto", "auto: CUDA when available, else CPU; cpu: force the CPU.", choices=("auto", "cpu"))
 
 
 @dataclass
 class ModelConfig:
-    arch: str = opt("dcgan", "Network family: dcgan (conv) or mlp (the vanilla GAN).", choices=("dcgan", "mlp"))
-    image_size: int = opt(32, "Height and width of generated images.", choices=(32, 64, 128))
-    channels: int = opt(1, "Image channels: 1 (grayscale) or 3 (RGB); must match the data.", choices=(1, 3))
-    nz: int = opt(100, "Latent vector size.", minimum=1)
-    ngf: int = opt(32, "DCGAN generator width: channels of its last hidden layer (the seed: 64).", minimum=1)
-    ndf: int = opt(32, "DCGAN discriminator width: channels of its first layer (the seed: 64).", minimum=1)
-    mlp_hidden: list[int] = opt([256, 512, 1024], "MLP generator hidden sizes (the discriminator mirrors them).")
-    mlp_dropout: float = opt(0.3, "Dropout after each MLP discriminator hidden layer.", minimum=0.0)
+    arch: str = option("dcgan", "Network family: dcgan (conv) or mlp (the vanilla GAN).", choices=("dcgan", "mlp"))
+    image_size: int = option(32, "Height and width of generated images.", choices=(32, 64, 128))
+    channels: int = option(1, "Image channels: 1 (grayscale) or 3 (RGB); must match the data.", choices=(1, 3))
+    nz: int = option(100, "Latent vector size.", minimum=1)
+    ngf: int = option(32, "DCGAN generator width: channels of its last hidden layer (the seed: 64).", minimum=1)
+    ndf: int = option(32, "DCGAN discriminator width: channels of its first layer (the seed: 64).", minimum=1)
+    mlp_hidden: list[int] = option([256, 512, 1024], "MLP generator hidden sizes (the discriminator mirrors them).")
+    mlp_dropout: float = option(0.3, "Dropout after each MLP discriminator hidden layer.", minimum=0.0)
 
 
 @dataclass
 class DataConfig:
-    source: str = opt("digits", "Where images come from.", choices=DATA_SOURCES)
-    path: str = opt(
+    source: str = option("digits", "Where images come from.", choices=DATA_SOURCES)
+    path: str = option(
         "",
         "shards: a manifest.json, a folder of shards, a brace pattern or pipe: URLs; folder: a folder of images.",
     )
-    num_samples: int = opt(10_000, "Size of the synthetic image set, or of the ring8/grid25 point set.", minimum=1)
-    workers: int = opt(
+    num_samples: int = option(10_000, "Size of the synthetic image set, or of the ring8/grid25 point set.", minimum=1)
+    workers: int = option(
         4,
         "Loader processes per rank, shards and folder (0: load in the training process); at most the CPU cores "
         "per process minus one, so they never take the training's core (the shard order depends on the count).",
         minimum=0,
     )
-    shuffle_buffer: int = opt(
+    shuffle_buffer: int = option(
         5000, "Samples each shard reader shuffles among (prepare shuffled the shards).", minimum=1
     )
-    hflip: bool = opt(False, "Flip each training image horizontally with probability 1/2 (CelebA recipes do).")
+    hflip: bool = option(False, "Flip each training image horizontally with probability 1/2 (CelebA recipes do).")
 
 
 @dataclass
 class TrainConfig:
-    steps: int = opt(3000, "Optimizer steps of G (one D step precedes each).", minimum=1)
-    batch_size: int = opt(128, "Global batch: images per step summed over all ranks.", minimum=1)
-    precision: str = opt(
+    steps: int = option(3000, "Optimizer steps of G (one D step precedes each).", minimum=1)
+    batch_size: int = option(128, "Global batch: images per step summed over all ranks.", minimum=1)
+    precision: str = option(
         "auto",
         "fp32; bf16 (autocast); fp16 (autocast and loss scaling, CUDA only); auto: the launcher's mixed precision "
         "(accelerate launch config or --mixed_precision), else fp32.",
         choices=("auto", "fp32", "bf16", "fp16"),
     )
-    max_bad_steps: int = opt(
+    max_bad_steps: int = option(
         20, "Stop after this many steps in a row whose gradients were NaN/Inf (each one is skipped).", minimum=1
     )
-    loss: str = opt(
+    loss: str = option(
         "nonsaturating",
         "GAN loss: nonsaturating (BCE, G maximises log D(G(z))), minimax (G minimises log(1 - D(G(z)))), hinge.",
-        choices=("nonsaturating", "minimax", "hinge"),
+        choices=LOSSES,
     )
-    channels_last: bool = opt(
+    channels_last: bool = option(
         True, "Convolution weights and images in channels-last (NHWC) layout: faster on CPU (oneDNN) and GPU."
     )
-    ema_halflife_images: float = opt(
+    ema_halflife_images: float = option(
         10_000.0,
         "Half-life of G_ema, the moving average of G's weights that samples and evaluations use, in images "
         "(0: G_ema is G).",
         minimum=0.0,
     )
-    ema_rampup: float = opt(
+    ema_rampup: float = option(
         0.05, "Early on, cap the G_ema half-life at this times the images seen so far (0: no ramp-up).", minimum=0.0
     )
 
 
 @dataclass
 class OptimConfig:
-    lr_g: float = opt(2e-4, "Adam learning rate of G.", minimum=0.0)
-    lr_d: float = opt(2e-4, "Adam learning rate of D.", minimum=0.0)
-    beta1: float = opt(0.5, "Adam beta1 (DCGAN: 0.5).", minimum=0.0)
-    beta2: float = opt(0.999, "Adam beta2.", minimum=0.0)
-    fused: bool = opt(True, "Fused Adam: one kernel updates every parameter (instead of a loop over them).")
+    lr_g: float = option(2e-4, "Adam learning rate of G.", minimum=0.0)
+    lr_d: float = option(2e-4, "Adam learning rate of D.", minimum=0.0)
+    beta1: float = option(0.5, "Adam beta1 (DCGAN: 0.5).", minimum=0.0)
+    beta2: float = option(0.999, "Adam beta2.", minimum=0.0)
+    fused: bool = option(True, "Fused Adam: one kernel updates every parameter (instead of a loop over them).")
 
 
 @dataclass
 class DistConfig:
-    sync_bn: bool = opt(True, "With more than one process, batch norm uses statistics of the global batch.")
-    timeout_s: float = opt(
+    sync_bn: bool = option(True, "With more than one process, batch norm uses statistics of the global batch.")
+    timeout_s: float = option(
         600.0,
         "Seconds a collective waits for the other processes before the run stops with an error (a hung process "
         "or node; a dead one is noticed at once). Raise it if writing a checkpoint takes longer.",
@@ -129,30 +137,30 @@ class DistConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = opt(1000, "Write a checkpoint every this many steps (0: only at the end).", minimum=0)
-    keep: int = opt(3, "Keep this many of the newest checkpoints (older ones are deleted).", minimum=1)
-    keep_every: int = opt(0, "Also keep every checkpoint whose step is a multiple of this (0: none).", minimum=0)
-    resume: str = opt("", "A checkpoint file to start from when run.dir holds none of its own.")
+    every: int = option(1000, "Write a checkpoint every this many steps (0: only at the end).", minimum=0)
+    keep: int = option(3, "Keep this many of the newest checkpoints (older ones are deleted).", minimum=1)
+    keep_every: int = option(0, "Also keep every checkpoint whose step is a multiple of this (0: none).", minimum=0)
+    resume: str = option("", "A checkpoint file to start from when run.dir holds none of its own.")
 
 
 @dataclass
 class LogConfig:
-    every: int = opt(50, "Write a metrics row every this many steps.", minimum=1)
-    images_every: int = opt(500, "Write a sample grid of the fixed noise batch every this many steps.", minimum=1)
-    progress: bool = opt(True, "Show progress: a bar on a terminal, else a line per metrics row (Slurm logs).")
-    wandb: str = opt(
+    every: int = option(50, "Write a metrics row every this many steps.", minimum=1)
+    images_every: int = option(500, "Write a sample grid of the fixed noise batch every this many steps.", minimum=1)
+    progress: bool = option(True, "Show progress: a bar on a terminal, else a line per metrics row (Slurm logs).")
+    wandb: str = option(
         "offline",
         "W&B: online, offline (files under run.dir/wandb; `wandb sync` uploads them) or disabled. "
         "WANDB_MODE, when set, takes precedence. Online without network or key falls back to offline.",
         choices=WANDB_MODES,
     )
-    project: str = opt("distgan", "W&B project.")
-    entity: str = opt("", "W&B entity (user or team); empty: your default entity.")
-    name: str = opt("", "W&B run name; empty: the name of run.dir.")
-    group: str = opt("", "W&B group (e.g. the runs of one sweep).")
-    tags: list[str] = opt([], "W&B tags, e.g. --log.tags=[celeba,baseline].")
-    tensorboard: bool = opt(False, "Also write the scalars and sample grids for TensorBoard (run.dir/tensorboard).")
-    report: bool = opt(True, "At the end, write run.dir/report (plots; python -m distgan.report does it any time).")
+    project: str = option("distgan", "W&B project.")
+    entity: str = option("", "W&B entity (user or team); empty: your default entity.")
+    name: str = option("", "W&B run name; empty: the name of run.dir.")
+    group: str = option("", "W&B group (e.g. the runs of one sweep).")
+    tags: list[str] = option([], "W&B tags, e.g. --log.tags=[celeba,baseline].")
+    tensorboard: bool = option(False, "Also write the scalars and sample grids for TensorBoard (run.dir/tensorboard).")
+    report: bool = option(True, "At the end, write run.dir/report (plots; python -m distgan.report does it any time).")
 
 
 EVAL_METRICS = ("auto", "digits", "modes", "fid", "kid", "fgsm")
@@ -160,18 +168,18 @@ EVAL_METRICS = ("auto", "digits", "modes", "fid", "kid", "fgsm")
 
 @dataclass
 class EvalConfig:
-    every: int = opt(
+    every: int = option(
         1000, "Compute eval.metrics on G_ema's samples every this many steps and at the end (0: never).", minimum=0
     )
-    metrics: list[str] = opt(
+    metrics: list[str] = option(
         ["auto"],
         "Metrics logged during training: auto (digits for data.source digits, modes for ring8/grid25, none "
         f"otherwise), or any of {', '.join(EVAL_METRICS[1:])}.",
     )
-    num_samples: int = opt(2500, "Generated samples per evaluation (the ring/grid protocol: 2,500).", minimum=2)
-    num_real: int = opt(10_000, "FID/KID: at most this many real images for the reference statistics.", minimum=2)
-    batch_size: int = opt(250, "Samples per forward pass and rank when evaluating.", minimum=1)
-    inception_weights: str = opt(
+    num_samples: int = option(2500, "Generated samples per evaluation (the ring/grid protocol: 2,500).", minimum=2)
+    num_real: int = option(10_000, "FID/KID: at most this many real images for the reference statistics.", minimum=2)
+    batch_size: int = option(250, "Samples per forward pass and rank when evaluating.", minimum=1)
+    inception_weights: str = option(
         "",
         "FID/KID: the local Inception file pt_inception-2015-12-05-6726825d.pth (empty: $DISTGAN_INCEPTION_WEIGHTS).",
     )
@@ -242,9 +250,9 @@ def _merge(base, update: dict, origin: str):
             raise ConfigError(f"{origin}: config key '{key}' expects {fields[key].type}, got {e.value!r}") from None
         if key:
             raise ConfigError(f"{origin}: config key '{key}' cannot take {e.value!r}") from None
-        raise ConfigError(f"{origin}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{origin}: {first_line(e)}") from None
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{origin}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{origin}: {first_line(e)}") from None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -253,7 +261,7 @@ def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -287,19 +295,24 @@ def validate(cfg: Config) -> None:
     unknown = [m for m in cfg.eval.metrics if m not in EVAL_METRICS]
     if unknown:
         raise ConfigError(f"config key 'eval.metrics': unknown {unknown}; choose from {', '.join(EVAL_METRICS)}")
-    metrics = eval_metrics(cfg)
+    check_metrics(eval_metrics(cfg), cfg, "eval.metrics")
+
+
+def check_metrics(metrics: list[str], cfg: Config, origin: str) -> None:
+    """ConfigError if a metric cannot score what cfg's model generates (training's eval.metrics, eval --metrics)."""
+    points = is_points(cfg)
     if "modes" in metrics and not points:
-        raise ConfigError("eval.metrics 'modes' needs data.source ring8 or grid25")
+        raise ConfigError(f"{origin} 'modes' needs data.source {' or '.join(MIXTURES)}")
     image_only = [m for m in metrics if m in ("digits", "fid", "kid") and points]
     if image_only:
-        raise ConfigError(f"eval.metrics {image_only} need images; data.source '{cfg.data.source}' holds points")
+        raise ConfigError(f"{origin} {image_only} need images; data.source '{cfg.data.source}' holds points")
     if "digits" in metrics and cfg.model.channels != 1:
-        raise ConfigError("eval.metrics 'digits' scores grayscale digits; model.channels is 3")
+        raise ConfigError(f"{origin} 'digits' scores grayscale digits; model.channels is {cfg.model.channels}")
 
 
 def is_points(cfg: Config) -> bool:
     """Whether cfg trains on 2-D points (the ring8/grid25 mixtures of distgan/toy.py) rather than images."""
-    return cfg.data.source in POINT_SOURCES
+    return cfg.data.source in MIXTURES
 
 
 def eval_metrics(cfg: Config) -> list[str]:

@@ -16,8 +16,6 @@ the images first to score a distributed sample.
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distgan.cache import cache_dir, content_key
+from distgan.files import atomic_write
 
 RECIPE_VERSION = "digits-mlp-v1"  # change whenever the classifier or its training changes: a new cache file
 GRID = 8  # side of the images the classifier sees
@@ -181,23 +180,11 @@ def _load_cached(path: Path) -> tuple[DigitsClassifier, float]:
 
 def _save_atomic(path: Path, model: DigitsClassifier, acc: float) -> None:
     """Cache the classifier; a cache that cannot be written (read-only home) is a warning, not a failure."""
-    # Several ranks may race here: each writes its own temp file and renames it; the last rename wins, whole.
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    state = {"state_dict": model.state_dict(), "accuracy": acc, "version": RECIPE_VERSION}
+    try:  # several ranks may race here: each writes its own temporary file; the last rename wins, whole
+        atomic_write(path, lambda f: torch.save(state, f))
     except OSError as e:
         warnings.warn(f"cannot cache the digits classifier at {path}: {e}; it is retrained next time", stacklevel=2)
-        return
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"state_dict": model.state_dict(), "accuracy": acc, "version": RECIPE_VERSION}, f)
-        os.replace(tmp, path)
-    except OSError as e:
-        Path(tmp).unlink(missing_ok=True)
-        warnings.warn(f"cannot cache the digits classifier at {path}: {e}; it is retrained next time", stacklevel=2)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_classifier() -> tuple[DigitsClassifier, float]:

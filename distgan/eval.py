@@ -14,17 +14,30 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from torch import nn
 
-from distgan import dist, rng
-from distgan.config import EVAL_METRICS, Config, ConfigError, eval_metrics, flag, from_dict, is_points, run_command
+from distgan import rng
+from distgan.config import (
+    EVAL_METRICS,
+    Config,
+    ConfigError,
+    check_metrics,
+    eval_metrics,
+    first_line,
+    flag,
+    is_points,
+    run_command,
+)
+from distgan.dist import Runtime
+from distgan.files import atomic_write
 from distgan.models import generate
+from distgan.state import load_models
 
 # Part of every reference-feature cache key: change it whenever the way real images become features changes
 # (reading, resizing, quantising, the extractor's input handling), so that no stale cache is reused.
@@ -44,16 +57,15 @@ class Evaluator:
         self,
         cfg: Config,
         metrics: list[str],
-        accelerator: Accelerator | None = None,
+        runtime: Runtime | None = None,
         extractor: nn.Module | None = None,
         extractor_id: str = "",
     ):
         if extractor is not None and not extractor_id:
             raise ValueError("a stand-in feature extractor needs an extractor_id for the reference cache key")
-        self.cfg, self.metrics, self.accelerator = cfg, list(metrics), accelerator
-        self.rank = accelerator.process_index if accelerator else 0
-        self.world = accelerator.num_processes if accelerator else 1
-        self.device = accelerator.device if accelerator else torch.device("cpu")
+        self.cfg, self.metrics = cfg, list(metrics)
+        self.runtime = runtime or Runtime.single()
+        self.rank, self.world, self.device = self.runtime.rank, self.runtime.world, self.runtime.device
         self.z = rng.eval_noise(cfg.run.seed, cfg.eval.num_samples, cfg.model.nz)  # (N, nz)
         self._extractor, self._extractor_id = extractor, extractor_id
         self._real_features: torch.Tensor | None = None
@@ -82,14 +94,18 @@ class Evaluator:
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """Every rank's rows in rank order, on the CPU of every rank (every rank must call it)."""
-        if self.accelerator is None:
-            return local.cpu()
-        return torch.cat(dist.gather_objects(self.accelerator, local.cpu()))
+        return torch.cat(self.runtime.gather_objects(local.cpu()))
 
     def __call__(self, G: nn.Module, D: nn.Module | None = None, real: torch.Tensor | None = None) -> dict[str, float]:
         """The metrics of G (G_ema, usually); D and a batch of real model inputs for the FGSM probe."""
         with self._own_rng():
             return self._evaluate(G, D, real)
+
+    def timed(self, G: nn.Module, D: nn.Module | None = None, real: torch.Tensor | None = None) -> dict[str, float]:
+        """The metrics and `eval/seconds`, this rank's time for them (training logs rank 0's)."""
+        started = time.perf_counter()
+        results = self(G, D, real)
+        return {**results, "eval/seconds": time.perf_counter() - started}
 
     def _evaluate(self, G: nn.Module, D: nn.Module | None, real: torch.Tensor | None) -> dict[str, float]:
         local = self.local_samples(G)
@@ -118,9 +134,7 @@ class Evaluator:
             # Each rank probes its own real batch; the means over ranks are the global means (equal batch sizes).
             bounds = (-math.inf, math.inf) if is_points(self.cfg) else (-1.0, 1.0)
             local_probe = probe(D, [real], lo=bounds[0], hi=bounds[1])
-            means = torch.tensor(list(local_probe.values()), device=self.device, dtype=torch.float64)
-            if self.accelerator is not None:
-                means = dist.reduce_mean(self.accelerator, means)
+            means = self.runtime.mean(torch.tensor(list(local_probe.values()), device=self.device, dtype=torch.float64))
             results.update(zip(local_probe, means.tolist()))
         return results
 
@@ -129,7 +143,7 @@ class Evaluator:
 
         self._extractor.to(self.device)
         batches = (to_inception_input(chunk) for chunk in local.split(self.cfg.eval.batch_size))
-        fake = extract_features(self._extractor, batches, self.accelerator)
+        fake = extract_features(self._extractor, batches, self.runtime)
         if self._real_features is None:
             key, _, reader = reference_set(self.cfg)
 
@@ -138,11 +152,10 @@ class Evaluator:
                     to_inception_input(b.to(self.device).float().mul(2 / 255).sub(1))
                     for b in reader(self.rank, self.world, self.cfg.eval.batch_size)
                 )
-                return extract_features(self._extractor, real_batches, self.accelerator)
+                return extract_features(self._extractor, real_batches, self.runtime)
 
-            is_writer = self.accelerator is None or self.accelerator.is_local_main_process  # one per node's cache
-            key = [*key, self._extractor_id, FEATURES_VERSION]
-            self._real_features = reference_features(key, extract, self.accelerator, is_writer)
+            key = [*key, self._extractor_id, FEATURES_VERSION]  # one writer per node's cache:
+            self._real_features = reference_features(key, extract, self.runtime, self.runtime.is_local_main)
         scores = fid_kid(self._real_features, fake)
         out = {}
         if "fid" in self.metrics:
@@ -261,21 +274,6 @@ def _decoded(samples: list[dict], cfg: Config) -> torch.Tensor:
     )
 
 
-def load_models(path: str | Path, ema: bool = True) -> tuple[Config, nn.Module, nn.Module, str]:
-    """The config, generator, D and the generator's name ("G_ema", or "G" when ema is False or the checkpoint
-    predates G_ema) of a checkpoint."""
-    from distgan.checkpoint import load as load_checkpoint
-    from distgan.models import build_models
-
-    state = load_checkpoint(path)
-    cfg = from_dict(state["config"])
-    G, D = build_models(cfg.model, points=is_points(cfg))
-    which = "G_ema" if ema and "G_ema" in state else "G"
-    G.load_state_dict(state[which])
-    D.load_state_dict(state["D"])
-    return cfg, G.eval(), D.eval(), which
-
-
 def parse_metrics(metrics: str | list | tuple | None, cfg: Config) -> list[str]:
     """--metrics fid,kid (fire passes a tuple) or a list; None: the checkpoint's eval.metrics."""
     if metrics is None:
@@ -303,18 +301,14 @@ def main(
         raise ConfigError(f"checkpoint not found: {checkpoint}")
     try:
         cfg, G, D, which = load_models(checkpoint, ema)
+    except ConfigError:
+        raise
     except Exception as e:
-        raise ConfigError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot load checkpoint {checkpoint}: {first_line(e)}") from None
     names = parse_metrics(metrics, cfg)
     if not names:
         raise ConfigError(f"no metrics to compute for data.source '{cfg.data.source}': pass --metrics=...")
-    points = is_points(cfg)
-    if "modes" in names and not points:
-        raise ConfigError("--metrics modes needs a ring8 or grid25 model")
-    if points and {"digits", "fid", "kid"} & set(names):
-        raise ConfigError(f"--metrics {names}: this model generates points, not images")
-    if "digits" in names and cfg.model.channels != 1:
-        raise ConfigError("--metrics digits scores grayscale digits; this model generates 3-channel images")
+    check_metrics(names, cfg, "--metrics")
     for key, value in (("num_samples", num_samples), ("batch_size", batch_size)):
         if value is not None:
             if int(value) < 2:
@@ -322,27 +316,24 @@ def main(
             setattr(cfg.eval, key, int(value))
     if inception_weights is not None:
         cfg.eval.inception_weights = str(inception_weights)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    evaluator = Evaluator(cfg, names, accelerator)
-    G, D = G.to(accelerator.device), D.to(accelerator.device)
+    runtime = Runtime(cfg)  # the checkpoint's run.device and dist.timeout_s
+    evaluator = Evaluator(cfg, names, runtime)
+    G, D = G.to(runtime.device), D.to(runtime.device)
     real = None
     if "fgsm" in names:
         from distgan.data import build_source, to_model_input
 
-        per_rank = math.ceil(cfg.train.batch_size / accelerator.num_processes)
-        cfg.train.batch_size = per_rank * accelerator.num_processes
-        real = to_model_input(next(build_source(cfg, accelerator.process_index, accelerator.num_processes)),
-                              accelerator.device)  # fmt: skip
+        cfg.train.batch_size = math.ceil(cfg.train.batch_size / runtime.world) * runtime.world
+        real = to_model_input(next(build_source(cfg, runtime.rank, runtime.world)), runtime.device)
     results = evaluator(G, D, real)
-    if accelerator.is_main_process:
+    if runtime.is_main:
         print(f"{checkpoint} ({which}, {cfg.eval.num_samples} samples):")
         for key, value in results.items():
             print(f"  {key:<28} {value:.6g}")
         if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
             record = {"checkpoint": str(checkpoint), "generator": which, "num_samples": cfg.eval.num_samples}
-            Path(out).write_text(json.dumps({**record, "metrics": results}, indent=2) + "\n")
-    accelerator.end_training()
+            atomic_write(out, json.dumps({**record, "metrics": results}, indent=2) + "\n")
+    runtime.close()
 
 
 def cli(argv: list[str] | None = None) -> None:

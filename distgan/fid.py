@@ -8,10 +8,8 @@ under distgan.cache.cache_dir("fid"), named by the content that defines them.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import socket
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -22,9 +20,10 @@ from torch import nn
 
 from distgan.cache import cache_dir, content_key
 from distgan.config import ConfigError
+from distgan.files import atomic_write
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
+    from distgan.dist import Runtime
 
 INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"
 INCEPTION_SIZE = 95_628_359  # bytes
@@ -181,32 +180,32 @@ def split_for_rank(num: int, rank: int, world: int) -> range:
     return range(start, start + base + (rank < extra))
 
 
-def _device_of(extractor: FeatureExtractor, accelerator: Accelerator | None) -> torch.device:
+def _device_of(extractor: FeatureExtractor, runtime: Runtime | None) -> torch.device:
     if isinstance(extractor, nn.Module):
         for tensor in (*extractor.parameters(), *extractor.buffers()):
             return tensor.device
-    return accelerator.device if accelerator is not None else torch.device("cpu")
+    return runtime.device if runtime is not None else torch.device("cpu")
 
 
 def extract_features(
-    extractor: FeatureExtractor, batches: Iterable[torch.Tensor], accelerator: Accelerator | None = None
+    extractor: FeatureExtractor, batches: Iterable[torch.Tensor], runtime: Runtime | None = None
 ) -> torch.Tensor:
     """Features (N, F) float32 of every rank's batches, concatenated in rank order, on every rank.
 
     Every rank must call it (ranks may hold different numbers of images, none included). The result lies on
-    the extractor's device (the accelerator's when the extractor has no tensors).
+    the extractor's device (the runtime's when the extractor has no tensors).
     """
-    device = _device_of(extractor, accelerator)
+    device = _device_of(extractor, runtime)
     with torch.no_grad():
         chunks = [extractor(batch.to(device)).float().reshape(len(batch), -1) for batch in batches]
     local = torch.cat(chunks) if chunks else torch.empty(0, extractor.num_features, device=device)  # (n, F)
-    if accelerator is None or accelerator.num_processes == 1:
+    if runtime is None or runtime.world == 1:
         return local
-    local = local.to(accelerator.device)
-    counts = accelerator.gather(torch.tensor([len(local)], device=accelerator.device)).tolist()  # (world,)
+    local = local.to(runtime.device)
+    counts = runtime.gather(torch.tensor([len(local)], device=runtime.device)).tolist()  # (world,)
     padded = local.new_zeros(max(counts), local.shape[1])  # (max_n, F): gather needs equal shapes
     padded[: len(local)] = local
-    everyone = accelerator.gather(padded[None])  # (world, max_n, F)
+    everyone = runtime.gather(padded[None])  # (world, max_n, F)
     return torch.cat([rows[:n] for rows, n in zip(everyone, counts)]).to(device)
 
 
@@ -226,22 +225,12 @@ def _load_cached(path: Path) -> torch.Tensor | None:
     return features
 
 
-def _save_atomic(path: Path, state: dict) -> None:
-    """Write state to path through a temporary file and a rename; a failure warns (the cache is optional)."""
-    # Nodes sharing a cache folder (an NFS home) may write at once: the host in the name keeps their files apart.
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+def _save_cached(path: Path, state: dict) -> None:
+    """Cache state at path, whole or not at all; a failure warns (the cache is optional)."""
+    try:  # nodes sharing a cache folder (an NFS home) may write at once: each through its own temporary file
+        atomic_write(path, lambda f: torch.save(state, f))
     except OSError as e:
         warnings.warn(f"could not cache reference features at {path}: {e}", stacklevel=3)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
 
 
 def reference_path(key_parts: Sequence[str | bytes]) -> Path:
@@ -252,27 +241,24 @@ def reference_path(key_parts: Sequence[str | bytes]) -> Path:
 def reference_features(
     key_parts: Sequence[str | bytes],
     extract_fn: Callable[[], torch.Tensor],
-    accelerator: Accelerator | None = None,
+    runtime: Runtime | None = None,
     is_main: bool = True,
 ) -> torch.Tensor:
     """Reference features (N, F) float32 on the CPU: from the cache, else extract_fn() (then cached).
 
     key_parts are everything that defines the set (data checksums, source, image size, channels, count,
-    the extractor's identity). With an accelerator, every rank must call it: the ranks agree to recompute if
+    the extractor's identity). With a runtime, every rank must call it: the ranks agree to recompute if
     any rank lacks the file (node-local caches), since extract_fn usually runs collectives. Only processes with
     is_main write the file.
     """
     path = reference_path(key_parts)
     features = _load_cached(path)
-    if accelerator is not None:
-        from distgan import dist
-
-        if dist.any_rank(accelerator, features is None):
-            features = None
+    if runtime is not None and runtime.any(features is None):
+        features = None
     if features is None:
         features = extract_fn().detach().float().cpu()  # (N, F)
         if features.dim() != 2:
             raise ValueError(f"extract_fn must return (N, F) features, got shape {tuple(features.shape)}")
         if is_main:
-            _save_atomic(path, {"key": path.stem, "features": features})
+            _save_cached(path, {"key": path.stem, "features": features})
     return features

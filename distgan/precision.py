@@ -33,8 +33,8 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def step(self, net: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        """Backward and optimizer step unless a gradient is NaN/Inf; returns the total gradient norm (a tensor)."""
+    def backward_and_step(self, net: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
+        """Zero the gradients, backward, then step unless a gradient is NaN/Inf; returns the total gradient norm."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
         optimizer.zero_grad(set_to_none=True)
         scaler = self.scalers.get(net)

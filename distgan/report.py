@@ -16,7 +16,9 @@ import math
 import sys
 from pathlib import Path
 
-from distgan.config import POINT_SOURCES, ConfigError, run_command
+from distgan.config import ConfigError, run_command
+from distgan.files import atomic_write
+from distgan.toy import MIXTURES
 
 PLOT_SIZE = (800, 450)  # pixels
 STRIP_ROWS = 8  # sample grids shown, evenly spaced over training
@@ -67,7 +69,7 @@ def plot(rows: list[dict], lines: dict[str, str], title: str, ylabel: str, path:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
 
 
 def sample_strip(grid_paths: list[Path], path: Path) -> None:
@@ -107,7 +109,7 @@ def sample_strip(grid_paths: list[Path], path: Path) -> None:
     for i, (step, row) in enumerate(rows):
         strip.paste(row.resize((row_w, row_h), Image.Resampling.NEAREST), (LABEL_WIDTH, i * row_h))
         draw.text((6, i * row_h + row_h // 2 - 6), f"step {step}", fill="black")
-    strip.save(path)
+    atomic_write(path, lambda f: strip.save(f, format="PNG"))
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -144,7 +146,7 @@ def _generates_points(run_dir: Path) -> bool:
         source = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["source"]
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return False
-    return source in POINT_SOURCES
+    return source in MIXTURES
 
 
 def main(run_dir: str) -> None:

@@ -20,18 +20,20 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
-from distgan.config import ConfigError, flag, is_points, run_command
+from distgan.config import ConfigError, first_line, flag, is_points, run_command
+from distgan.dist import Runtime
+from distgan.files import atomic_write
 from distgan.models import generate
+from distgan.state import load_models
 
 FORMATS = (".png", ".npz")
 
 
-def load_generator(path: str | Path, device: str | torch.device = "cpu", ema: bool = True):
-    """The generator of a checkpoint (G_ema unless ema is False or it has none), on device and in eval mode, its
-    config and its name."""
-    from distgan.eval import load_models
-
+def load_generator(path: str | Path, device: str | torch.device = "auto", ema: bool = True):
+    """The generator of a checkpoint (G_ema unless ema is False or it has none), in eval mode, its config and its
+    name; on device (auto: the checkpoint's run.device, which is CUDA when available unless it says cpu)."""
     cfg, G, _, which = load_models(path, ema)
+    device = Runtime.single(cfg.run.device).device if device == "auto" else device
     return G.to(device).eval(), cfg, which
 
 
@@ -92,9 +94,11 @@ def main(
     if interpolate == 1 or interpolate < 0:
         raise ConfigError(f"--interpolate needs at least 2 steps (0: no interpolation); got {interpolate}")
     try:
-        G, cfg, which = load_generator(checkpoint, "cuda" if torch.cuda.is_available() else "cpu", ema)
+        G, cfg, which = load_generator(checkpoint, "auto", ema)
+    except ConfigError:
+        raise
     except Exception as e:
-        raise ConfigError(f"cannot load checkpoint {checkpoint}: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"cannot load checkpoint {checkpoint}: {first_line(e)}") from None
     points = is_points(cfg)
     if interpolate and points:
         raise ConfigError("--interpolate draws image grids; this checkpoint's model generates 2-D points")
@@ -104,17 +108,18 @@ def main(
         samples, per_row = generate_from(G, z, batch_size), interpolate
     else:
         samples, per_row = sample(G, cfg.model.nz, num, seed, batch_size), math.ceil(math.sqrt(num))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     if points and out_path.suffix == ".npz":
-        np.savez(out_path, samples=samples.numpy().astype(np.float32))
+        atomic_write(out_path, lambda f: np.savez(f, samples=samples.numpy().astype(np.float32)))
     elif points:
         from distgan.toy import scatter_image
 
-        save_image(scatter_image(samples, cfg.data.source).float().div(255), out_path)
+        plot = scatter_image(samples, cfg.data.source).float().div(255)
+        atomic_write(out_path, lambda f: save_image(plot, f, format="png"))
     elif out_path.suffix == ".npz":
-        np.savez(out_path, images=to_uint8_nhwc(samples))
+        atomic_write(out_path, lambda f: np.savez(f, images=to_uint8_nhwc(samples)))
     else:
-        save_image(samples, out_path, nrow=per_row, normalize=True, value_range=(-1, 1))
+        grid = dict(nrow=per_row, normalize=True, value_range=(-1, 1), format="png")
+        atomic_write(out_path, lambda f: save_image(samples, f, **grid))
     print(f"wrote {len(samples)} samples of {which} to {out_path}")
 
 

@@ -34,7 +34,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         var = global_m2 / total  # biased: what normalises the batch
         if running_mean is not None:
             running_mean.mul_(1 - momentum).add_(momentum * global_mean.to(running_mean.dtype))
-            unbiased = global_m2 / max(total.item() - 1, 1)
+            unbiased = global_m2 / (total - 1).clamp(min=1)  # tensors throughout: nothing read back to the host
             running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
         invstd = (var + eps).rsqrt().float()
         xhat = (xf - global_mean.float().view(shape)) * invstd.view(shape)
@@ -42,7 +42,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         if weight is not None:
             y = xhat * weight.float().view(shape) + bias.float().view(shape)
         ctx.save_for_backward(xhat, invstd, weight)
-        ctx.dims, ctx.shape, ctx.total, ctx.group = dims, shape, total.item(), group
+        ctx.dims, ctx.shape, ctx.total, ctx.group = dims, shape, total.float(), group
         return y.to(x.dtype)
 
     @staticmethod

@@ -2,8 +2,9 @@
 and the same figures to W&B and TensorBoard. On every other rank a Tracker does nothing.
 
 The run directory's own files are part of the run: failing to write them stops every rank (train.py calls through
-dist.on_every_rank). W&B and TensorBoard are extras: one that fails (no network, a full disk, a library's bug) is
-switched off with one warning and training goes on. W&B is imported lazily, so runs without it never pay for it.
+Runtime.guard), and each is written whole or not at all (files.atomic_write). W&B and TensorBoard are extras: one
+that fails (no network, a full disk, a library's bug) is switched off with one warning and training goes on.
+W&B is imported lazily, so runs without it never pay for it.
 """
 
 from __future__ import annotations
@@ -12,18 +13,23 @@ import contextlib
 import json
 import os
 import random
+import resource
 import string
 import sys
 import time
 import traceback
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from distgan.config import WANDB_MODES, Config, ConfigError, to_dict
+from distgan.config import WANDB_MODES, Config, ConfigError, first_line, to_dict
+from distgan.files import atomic_write
+from distgan.models import generate
 from distgan.report import write_report
 
 SHOWN = ("loss/D", "loss/G", "D/real", "D/fake_before")  # the key figures on the console
@@ -32,8 +38,7 @@ SHOWN = ("loss/D", "loss/G", "D/real", "D/fake_before")  # the key figures on th
 def write_config(run_dir: Path, text: str, is_main: bool) -> None:
     """Create the run directory and write the resolved config.yaml (main process only)."""
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(text)
+        atomic_write(run_dir / "config.yaml", text)
 
 
 _FORMAT_WARNING = warnings.formatwarning  # the untagged original, so tagging twice does not tag twice
@@ -177,8 +182,9 @@ class TensorBoardSink:
 class Tracker:
     """Rank-0 writer of a run's console progress, metrics rows, sample grids and sinks; a no-op on other ranks.
 
-    run_id is the W&B id stored in the checkpoint (None: a new run). elapsed_before is the training time of the
-    run's earlier processes, so times and the summary count the whole run across restarts.
+    run_id is the W&B id stored in the checkpoint (None: a new run). clock gives the training seconds of the
+    whole run, restarts included (TrainState.elapsed_s; default: since this Tracker started), so times and the
+    summary count the whole run.
     """
 
     def __init__(
@@ -187,12 +193,13 @@ class Tracker:
         is_main: bool,
         start_step: int = 0,
         run_id: str | None = None,
-        elapsed_before: float = 0.0,
+        clock: Callable[[], float] | None = None,
     ):
         self.cfg, self.run_dir, self.is_main = cfg, Path(cfg.run.dir), is_main
         self.run_id = run_id or new_run_id()
         self.start_step, self.total_steps = start_step, cfg.train.steps
-        self.started, self.elapsed_before = time.time(), elapsed_before
+        self.started = time.time()
+        self.elapsed = clock or (lambda: time.time() - self.started)
         self.last_row: dict = {}
         self.sinks: dict[str, WandbSink | TensorBoardSink] = {}
         self._metrics = None
@@ -247,14 +254,8 @@ class Tracker:
         lines = path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) <= step]  # a line cut short by a crash goes too
         if len(kept) != len(lines):
-            tmp = path.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+            atomic_write(path, "".join(kept))
         return max((int(s) for s in map(_step_of, lines) if s != float("inf")), default=0)
-
-    def elapsed(self) -> float:
-        """Training seconds of the whole run so far, restarts included (stored in checkpoints)."""
-        return self.elapsed_before + time.time() - self.started
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
@@ -288,13 +289,23 @@ class Tracker:
         if not self.is_main:
             return None
         path = self.run_dir / name / f"step_{step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
         grid = make_grid(images.detach().float().cpu(), nrow=8, normalize=True, value_range=(-1, 1))
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_image(grid, tmp, format="png")
-        os.replace(tmp, path)  # a crash mid-write leaves no half grid
+        atomic_write(path, lambda f: save_image(grid, f, format="png"))
         self._each_sink("image", step, name, grid, path)
         return path
+
+    def samples(self, step: int, generators: dict[str, nn.Module], z: torch.Tensor, source: str) -> None:
+        """The fixed noise batch z through each generator (eval mode: no collectives, so rank 0 alone draws them):
+        an image grid per generator, or for 2-D points a scatter plot over the mixture's modes."""
+        if not self.is_main:
+            return
+        for name, generator in generators.items():
+            samples = generate(generator, z)
+            if samples.dim() == 2:  # (N, 2) points
+                from distgan.toy import scatter_image
+
+                samples = scatter_image(samples.float().cpu(), source)[None].float().div(127.5).sub(1)
+            self.images(step, samples, name)
 
     def print(self, message: str, file=None) -> None:
         """A console line from the main process that does not break the progress bar.
@@ -318,9 +329,7 @@ class Tracker:
             "images_seen": step * self.cfg.train.batch_size,
             "wall_time_s": round(self.elapsed(), 3),
         }
-        tmp = self.run_dir / ".summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        os.replace(tmp, self.run_dir / "summary.json")
+        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         self._each_sink("summary", summary)
         self.print(
             f"done: {step} steps, {summary['images_seen']} images in {_clock(summary['wall_time_s'])}; "
@@ -347,6 +356,41 @@ class Tracker:
                 self._metrics = None
 
 
+class LogWindow:
+    """The steps since the last metrics row: their statistics summed on the device, wall time and data wait."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new window (after a row, and after the evaluation that may follow it: that is not training)."""
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.data_wait_s, self.started = 0, 0.0, time.perf_counter()
+
+    def add(self, stats: dict[str, torch.Tensor], data_wait_s: float) -> None:
+        for key, value in stats.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.steps += 1
+        self.data_wait_s += data_wait_s
+
+    def row(self, mean: Callable[[torch.Tensor], torch.Tensor], counters: dict[str, float]) -> dict[str, float]:
+        """Means over the window and over ranks (`mean` is the runtime's: one collective, one host read), rates,
+        the run's counters and the process's peak memory."""
+        seconds = time.perf_counter() - self.started
+        device = next(iter(self.sums.values())).device
+        local = torch.cat([torch.stack(list(self.sums.values())) / self.steps,
+                           torch.tensor([self.data_wait_s / seconds], device=device)])  # fmt: skip
+        row = dict(zip([*self.sums, "data/wait_fraction"], mean(local).tolist()))
+        row["images_per_s"] = self.steps * self.batch_size / seconds
+        row.update(counters)
+        row["host/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        if device.type == "cuda":
+            row["gpu/max_allocated_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            torch.cuda.reset_peak_memory_stats(device)
+        return row
+
+
 def _step_of(line: str) -> float:
     try:
         return json.loads(line)["step"]
@@ -355,8 +399,7 @@ def _step_of(line: str) -> float:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+    return f"{type(error).__name__}: {first_line(error)}"
 
 
 def _clock(seconds: float) -> str:

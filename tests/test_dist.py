@@ -5,8 +5,8 @@ import torch
 from conftest import run_ranks
 from torch import nn
 
-from distgan import dist
 from distgan.config import load_config
+from distgan.dist import Runtime
 from distgan.models import build_models
 from distgan.precision import Precision
 from distgan.syncbn import SyncBatchNorm
@@ -33,24 +33,25 @@ def snapshot(G: nn.Module, D: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def one_step(G, D, real, z, D_plain=None):
+def one_step(G, D, real, z):
     # SGD: its update is proportional to the gradient, so equal gradients give equal weights to within 1e-5.
     # (Adam's first step divides each gradient by its own magnitude, amplifying float noise in near-zero ones.)
-    opt_g = torch.optim.SGD(G.parameters() if D_plain is None else G.module.parameters(), lr=0.1)
-    opt_d = torch.optim.SGD((D if D_plain is None else D_plain).parameters(), lr=0.1)
-    return train_step(G, D, opt_g, opt_d, real, z, "nonsaturating", Precision("fp32", real.device), D_plain)
+    plain = lambda module: getattr(module, "module", module)  # noqa: E731 (the module inside a DDP wrapper)
+    opt_g = torch.optim.SGD(plain(G).parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(plain(D).parameters(), lr=0.1)
+    return train_step(G, D, opt_g, opt_d, real, z, "nonsaturating", Precision("fp32", real.device))
 
 
 def ddp_step(rank: int, world_size: int, sync_bn: bool) -> dict:
     cfg = load_config(None, {**SMALL, "dist.sync_bn": sync_bn})
-    accelerator = dist.setup(cfg)
+    runtime = Runtime(cfg, batch_size=cfg.train.batch_size)
     torch.manual_seed(0)
-    G, D = dist.wrap(accelerator, cfg, *build_models(cfg.model))
+    G, D = runtime.wrap(*build_models(cfg.model), sync_bn=cfg.dist.sync_bn)
     assert isinstance(D, nn.parallel.DistributedDataParallel) and not D.broadcast_buffers
     assert any(isinstance(m, SyncBatchNorm) for m in D.modules()) == sync_bn
     real, z = step_inputs()
     rows = slice(rank * BATCH // world_size, (rank + 1) * BATCH // world_size)
-    one_step(G, D, real[rows], z[rows], dist.unwrap(accelerator, D))
+    one_step(G, D, real[rows], z[rows])
     return snapshot(G.module, D.module)
 
 
@@ -119,15 +120,15 @@ def test_cpu_synced_batch_norm_equals_batch_norm_on_the_whole_batch(tmp_path):
 
 def nan_on_rank_1(rank: int, world_size: int) -> dict:
     cfg = load_config(None, SMALL)
-    accelerator = dist.setup(cfg)
+    runtime = Runtime(cfg, batch_size=cfg.train.batch_size)
     torch.manual_seed(0)
-    G, D = dist.wrap(accelerator, cfg, *build_models(cfg.model))
+    G, D = runtime.wrap(*build_models(cfg.model), sync_bn=cfg.dist.sync_bn)
     real, z = step_inputs()
     real = real[rank * 4 : rank * 4 + 4]
     if rank == 1:
         real[0, 0, 0, 0] = float("nan")
     before = {k: v.clone() for k, v in D.module.state_dict().items()}
-    stats = one_step(G, D, real, z[rank * 4 : rank * 4 + 4], dist.unwrap(accelerator, D))
+    stats = one_step(G, D, real, z[rank * 4 : rank * 4 + 4])
     d_unchanged = all(torch.equal(before[k], v) for k, v in D.module.named_parameters())
     return {"grad_norm/D": stats["grad_norm/D"].item(), "D unchanged": d_unchanged}
 
@@ -141,13 +142,13 @@ def test_a_nan_on_one_rank_is_skipped_on_every_rank(tmp_path):
 
 def diverged_replicas(rank: int, world_size: int) -> str:
     cfg = load_config(None, SMALL)
-    accelerator = dist.setup(cfg)
-    G, D = dist.wrap(accelerator, cfg, *build_models(cfg.model))
-    dist.check_replicas(accelerator, {"G": G, "D": D})  # identical after wrapping (DDP broadcast rank 0's)
+    runtime = Runtime(cfg, batch_size=cfg.train.batch_size)
+    G, D = runtime.wrap(*build_models(cfg.model), sync_bn=cfg.dist.sync_bn)
+    runtime.check_replicas({"G": G, "D": D})  # identical after wrapping (DDP broadcast rank 0's)
     if rank == 1:
         with torch.no_grad():
             D.module.net[2].weight[0, 0, 0, 0] += 1e-6
-    dist.check_replicas(accelerator, {"G": G, "D": D})
+    runtime.check_replicas({"G": G, "D": D})
     return "no error"
 
 
@@ -173,7 +174,7 @@ def test_gpu_mixed_precision_runs(tmp_path):
 
 
 def setup_with_batch(rank: int, world_size: int, batch_size: int) -> str:
-    dist.setup(load_config(None, {**SMALL, "train.batch_size": batch_size}))
+    Runtime(load_config(None, SMALL), batch_size=batch_size)
     return "ok"
 
 
@@ -183,13 +184,13 @@ def test_a_global_batch_that_does_not_divide_is_refused(tmp_path):
 
 
 def rank_0_write_fails(rank: int, world_size: int) -> str:
-    accelerator = dist.setup(load_config(None, SMALL))
+    runtime = Runtime(load_config(None, SMALL))
 
     def write() -> None:
         if rank == 0:
             raise OSError(28, "No space left on device")
 
-    dist.on_every_rank(accelerator, write)
+    runtime.guard(write)
     return "went on"
 
 

@@ -101,14 +101,16 @@ class TinyFeatures(nn.Module):
 
 
 def _fid_on_ranks(rank, world_size, run_dir, num_real):
-    from accelerate import Accelerator
-
-    from distgan.eval import load_models
+    from distgan.config import load_config
+    from distgan.dist import Runtime
+    from distgan.state import load_models
 
     final = checkpoint.list_checkpoints(run_dir)[-1]
     cfg, G, _, _ = load_models(final)
     cfg.eval.num_samples, cfg.eval.num_real, cfg.eval.batch_size = 50, num_real, 16
-    evaluator = Evaluator(cfg, ["fid", "kid"], Accelerator(cpu=True), TinyFeatures(), "tiny-v1")
+    evaluator = Evaluator(
+        cfg, ["fid", "kid"], Runtime(load_config(None, {"run.device": "cpu"})), TinyFeatures(), "tiny-v1"
+    )
     return evaluator(G)
 
 
@@ -126,7 +128,8 @@ def test_fid_and_kid_pipeline_with_a_stand_in_network_on_one_and_two_ranks(digit
 
 
 def test_reference_features_are_cached_by_content(digits_run, tmp_path):
-    from distgan.eval import load_models, reference_set
+    from distgan.eval import reference_set
+    from distgan.state import load_models
 
     cfg, G, _, _ = load_models(checkpoint.list_checkpoints(digits_run)[-1])
     cfg.eval.num_samples, cfg.eval.num_real, cfg.eval.batch_size = 50, 123, 16
@@ -236,7 +239,7 @@ def test_report_writes_eval_plots_only_for_logged_metrics(digits_run, tmp_path):
 
 def test_an_evaluation_draws_nothing_from_the_training_rng(digits_run, tmp_path, monkeypatch):
     from distgan.digits_score import default_scorer
-    from distgan.eval import load_models
+    from distgan.state import load_models
 
     cfg, G, D, _ = load_models(checkpoint.list_checkpoints(digits_run)[-1])
     cfg.eval.num_samples = 100

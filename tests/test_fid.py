@@ -259,13 +259,14 @@ NUM = 7
 def ranks_extract(rank: int, world_size: int, cache: str) -> dict:
     import os
 
-    from accelerate import Accelerator
+    from distgan.config import load_config
+    from distgan.dist import Runtime
 
-    accelerator = Accelerator(cpu=True)
+    runtime = Runtime(load_config(None, {"run.device": "cpu"}))
     images = smooth_images(NUM, seed=3)
     share = fid.split_for_rank(NUM, rank, world_size)
     batches = [images[i : i + 2] for i in range(share.start, share.stop, 2)]  # ragged: 4 rows, then 3
-    gathered = fid.extract_features(TinyNet(), (fid.to_inception_input(b) for b in batches), accelerator)
+    gathered = fid.extract_features(TinyNet(), (fid.to_inception_input(b) for b in batches), runtime)
 
     # Node-local caches: only rank 0 holds the file, yet every rank must take part in the extraction.
     os.environ["DISTGAN_CACHE"] = os.path.join(cache, f"node{rank}")
@@ -276,9 +277,9 @@ def ranks_extract(rank: int, world_size: int, cache: str) -> dict:
 
     def extract() -> torch.Tensor:
         calls.append(1)
-        return fid.extract_features(TinyNet(), (fid.to_inception_input(b) for b in batches), accelerator)
+        return fid.extract_features(TinyNet(), (fid.to_inception_input(b) for b in batches), runtime)
 
-    reference = fid.reference_features(key, extract, accelerator)
+    reference = fid.reference_features(key, extract, runtime)
     scores = fid.fid_kid(gathered, gathered.flip(0) + 0.1, kid_subsets=5)
     return {"features": gathered, "reference": reference, "calls": len(calls), "scores": scores}
 

@@ -8,7 +8,8 @@ from conftest import tiny_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distgan.precision import Precision
-from distgan.train import BadSteps, train
+from distgan.state import BadSteps
+from distgan.train import train
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -18,16 +19,16 @@ def test_a_nan_gradient_changes_neither_the_weights_nor_adam_state(fused):
     opt = torch.optim.Adam(net.parameters(), lr=0.1, fused=fused)
     precision = Precision("fp32", torch.device("cpu"))
     x = torch.randn(8, 4)
-    precision.step("D", net(x).square().mean(), opt)  # a good step: state exists
+    precision.backward_and_step("D", net(x).square().mean(), opt)  # a good step: state exists
     weights = [p.detach().clone() for p in net.parameters()]
     state = {k: v.clone() for k, v in opt.state[net.weight].items()}
 
-    norm = precision.step("D", net(x * float("nan")).mean(), opt)
+    norm = precision.backward_and_step("D", net(x * float("nan")).mean(), opt)
 
     assert not torch.isfinite(norm)
     assert all(torch.equal(w, p) for w, p in zip(weights, net.parameters()))
     assert all(torch.equal(v, opt.state[net.weight][k]) for k, v in state.items())  # step count, moments
-    precision.step("D", net(x).square().mean(), opt)  # and the next good step updates again
+    precision.backward_and_step("D", net(x).square().mean(), opt)  # and the next good step updates again
     assert not torch.equal(weights[0], net.weight) and int(opt.state[net.weight]["step"]) == 2
     assert not hasattr(opt, "found_inf")
 
@@ -102,3 +103,23 @@ def test_batches_for_a_gpu_are_page_locked(tmp_path, source):
     folder = {"data.path": str(write_index_pngs(tmp_path / "images" / "a", 40).parent), "model.channels": 3}
     cfg = tiny_config(tmp_path / "run", **{"data.source": source, **(folder if source == "folder" else {})})
     assert next(build_source(cfg, pin_memory=True, workers=1)).is_pinned()
+
+
+def _count_two_ranks(rank: int, world_size: int, run_dir: str, steps: int) -> int:
+    from pathlib import Path
+
+    torch.set_num_threads(1)
+    return host_syncs(Path(run_dir), steps, **{"dist.sync_bn": True})
+
+
+def test_two_processes_read_nothing_back_between_log_steps_either(tmp_path):
+    """The stop-signal vote (an asynchronous all-reduce read a step later) and synced batch norm read nothing."""
+    from conftest import run_ranks
+
+    counts = {}
+    for steps in (3, 9):
+        (tmp_path / str(steps)).mkdir()
+        ranks = run_ranks(_count_two_ranks, tmp_path / str(steps), run_dir=str(tmp_path / f"r{steps}"), steps=steps)
+        assert not any(isinstance(r, str) for r in ranks), ranks
+        counts[steps] = ranks
+    assert counts[9] == counts[3]

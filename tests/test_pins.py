@@ -103,3 +103,38 @@ def test_a_checkpoint_of_the_earlier_format_resumes_to_the_same_weights(tmp_path
     shutil.copy(FIXTURE, checkpoint.path_for(run_dir, 10))
     train(tiny_config(run_dir, **PIN))
     assert final_digest(run_dir) == straight
+
+
+def test_a_changed_learning_rate_and_beta_take_effect_on_resume(tmp_path):
+    train(tiny_config(tmp_path / "run", **{"train.steps": 4}))
+    train(tiny_config(tmp_path / "run", **{"optim.lr_g": 1e-5, "optim.lr_d": 3e-5, "optim.beta1": 0.0}))
+    state = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run")[-1])
+    for name, lr in (("opt_g", 1e-5), ("opt_d", 3e-5)):
+        group = state[name]["param_groups"][0]
+        assert group["lr"] == lr and group["betas"][0] == 0.0, name
+    assert state[name]["state"][0]["step"] == 6  # the moments and step counts are state: they went on
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert '"lr/G": 1e-05' in rows[-1]
+
+
+@pytest.mark.parametrize(("key", "value"), [("model.ngf", 16), ("data.source", "synthetic")])
+def test_a_key_that_cannot_change_on_resume_is_refused_by_name(tmp_path, key, value):
+    from distgan.config import ConfigError
+
+    train(tiny_config(tmp_path / "run", **{"train.steps": 4}))
+    extra = {"model.channels": 1} if key == "data.source" else {}
+    with pytest.raises(ConfigError, match=rf"{key} is {value!r} but .* cannot change on resume"):
+        train(tiny_config(tmp_path / "run", **{key: value, **extra}))
+
+
+def test_checkpoints_carry_a_format_version_and_a_newer_one_is_refused(tmp_path):
+    from distgan.config import ConfigError
+    from distgan.state import FORMAT
+
+    train(tiny_config(tmp_path / "run", **{"train.steps": 4}))
+    newest = checkpoint.list_checkpoints(tmp_path / "run")[-1]
+    state = checkpoint.load(newest)
+    assert state["format"] == FORMAT
+    torch.save({**state, "format": FORMAT + 1}, newest)
+    with pytest.raises(ConfigError, match=rf"format version {FORMAT + 1}; this distgan reads versions 0 to {FORMAT}"):
+        train(tiny_config(tmp_path / "run"))

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from distgan.config import POINT_SOURCES, is_points
+from distgan.config import DATA_SOURCES, is_points, load_config
 from distgan.data import build_source, to_model_input
 from distgan.toy import MIXTURES, PointSet, mode_metrics, sample_mixture, scatter_image
 
@@ -27,8 +27,12 @@ def test_grid_centres_are_the_25_points_of_the_even_grid():
     assert torch.equal(m.centres, m.centres.round())
 
 
-def test_the_mixtures_are_the_configs_point_sources():
-    assert set(MIXTURES) == set(POINT_SOURCES)
+def test_every_mixture_is_a_data_source_of_points():
+    assert set(MIXTURES) <= set(DATA_SOURCES)
+    for source in DATA_SOURCES:
+        assert is_points(load_config(None, {"data.source": source, "model.arch": "mlp", "data.path": "x"})) == (
+            source in MIXTURES
+        )
 
 
 @pytest.mark.parametrize("name", ["ring8", "grid25"])

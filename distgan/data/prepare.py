@@ -30,7 +30,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from distgan import rng
-from distgan.config import ConfigError, run_command
+from distgan.config import ConfigError, first_line, run_command
 from distgan.data.images import square_resize
 
 MANIFEST = "manifest.json"
@@ -104,7 +104,7 @@ def _process(member: str) -> tuple[bytes | None, str | None]:
     except UnidentifiedImageError:
         return None, "not an image (no decoder recognises it)"
     except Exception as e:  # PIL raises many types for broken files; every one means "skip and report"
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'unreadable'}"
+        return None, f"{type(e).__name__}: {first_line(e)}"
 
 
 def _sha256(path: Path) -> str:

@@ -1,0 +1,45 @@
+"""Every file distgan writes is written whole or not at all: a temporary file beside it, fsync, then a rename."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def temporary_name(path: Path) -> Path:
+    """Where path is written before its rename: hidden, and unique per host and process (shared cluster storage)."""
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], object], durable: bool = False) -> None:
+    """Replace path with content (bytes, text, or a function writing into a binary file object), all or nothing.
+
+    The data is flushed to disk before the rename; with durable, the folder is synced too, so that the rename
+    itself survives a power cut (checkpoints). The folder is created if missing. An OSError leaves path as it
+    was, and no temporary file behind.
+    """
+    path = Path(path)
+    tmp = temporary_name(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if durable:
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+    finally:
+        with contextlib.suppress(OSError):  # nothing left to remove, or a folder that never was one
+            tmp.unlink()

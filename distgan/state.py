@@ -1,0 +1,341 @@
+"""TrainState: everything a run's checkpoint holds, built in one place, written and read back in one place.
+
+What is state and what is configuration is decided here, once:
+
+- State, restored on resume: the weights of G, D and G_ema; Adam's moments and step counts; the fp16 loss
+  scalers; the skipped-step and unreadable-sample counters; each rank's RNG and data-stream position; the step;
+  the training seconds so far; the W&B run id.
+- Configuration, taken from the command that resumes: everything else. Learning rates, Adam's betas and the
+  other optimizer hyperparameters are reset to the config's after the optimizer state is loaded, so a resume
+  with --optim.lr_g=1e-5 trains at 1e-5 from its first step.
+- Neither: the keys of FIXED_ON_RESUME, which define tensor shapes or what the saved data position means. A
+  resume that changes one is refused, naming it.
+
+Adding a piece of state (an augmentation probability, a regulariser's averages) is one line in `parts()`: an
+object with state_dict() and load_state_dict(), the same on every rank. Each checkpoint carries FORMAT; a file
+of an older format is upgraded when it is read (UPGRADES), one of a newer format is refused.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from distgan import checkpoint, rng
+from distgan.config import Config, ConfigError, from_dict, is_points, to_dict
+from distgan.data import build_source, flips, hflip, to_model_input
+from distgan.dist import Runtime
+from distgan.ema import EMA
+from distgan.models import build_models
+from distgan.precision import Precision
+
+FORMAT = 1
+# Keys a resumed run must share with its checkpoint: they define tensor shapes, or what the data position means.
+FIXED_ON_RESUME = (
+    "model.arch",
+    "model.image_size",
+    "model.channels",
+    "model.nz",
+    "model.ngf",
+    "model.ndf",
+    "model.mlp_hidden",
+    "data.source",
+)
+
+
+def _from_format_0(state: dict) -> dict:
+    """Format 0 (checkpoints before formats were numbered): the skipped-step count was a bare int."""
+    return {**state, "bad_steps": {"total": int(state["bad_steps"])}}
+
+
+UPGRADES = {0: _from_format_0}  # version -> the function that turns it into version + 1
+
+
+def upgrade(state: dict, path: str | Path) -> dict:
+    """A checkpoint's content in the current FORMAT; ConfigError for a file that is not a distgan checkpoint or
+    was written by a newer distgan."""
+    if not isinstance(state, dict) or "config" not in state or "G" not in state:
+        raise ConfigError(f"{path} is not a distgan checkpoint (it holds no config and no G)")
+    version = state.get("format", 0)
+    if not isinstance(version, int) or version > FORMAT:
+        raise ConfigError(
+            f"{path} has checkpoint format version {version}; this distgan reads versions 0 to {FORMAT} "
+            f"(upgrade distgan to resume it)"
+        )
+    while version < FORMAT:
+        state, version = UPGRADES[version](state), version + 1
+    return state
+
+
+def check_compatible(stored: dict, cfg: Config, path: str | Path) -> None:
+    """ConfigError naming the first FIXED_ON_RESUME key whose value differs from the checkpoint's config."""
+    current = to_dict(cfg)
+    for key in FIXED_ON_RESUME:
+        section, name = key.split(".")
+        then, now = stored.get(section, {}).get(name), current[section][name]
+        if then != now:
+            raise ConfigError(
+                f"{key} is {now!r} but {path} was trained with {then!r}; {key} cannot change on resume "
+                f"(set it back, or start a new run.dir)"
+            )
+
+
+class Resume(NamedTuple):
+    """A checkpoint to resume from: its path, its content (current format) and whether it is this run's own."""
+
+    path: Path
+    state: dict
+    own_run: bool
+
+
+def find_resume(cfg: Config, is_main: bool) -> Resume | None:
+    """The run dir's newest valid checkpoint, else checkpoint.resume, else None; checked against the config."""
+    run_dir = Path(cfg.run.dir)
+    found = checkpoint.load_latest(run_dir, quarantine=is_main)
+    if found is None and cfg.checkpoint.resume:
+        try:
+            found = checkpoint.Found(Path(cfg.checkpoint.resume), checkpoint.load(cfg.checkpoint.resume))
+        except Exception as e:
+            raise ConfigError(f"checkpoint.resume {cfg.checkpoint.resume}: {checkpoint.first_line(e)}") from None
+    if found is None:
+        return None
+    state = upgrade(found.state, found.path)
+    check_compatible(state["config"], cfg, found.path)
+    return Resume(found.path, state, found.path.resolve().is_relative_to(run_dir.resolve()))
+
+
+class BadSteps:
+    """Counts the steps whose NaN/Inf gradients were skipped, on the device, so a step needs no host sync.
+
+    The gradient norms are the same on every rank (see precision.py), so are these counters. check() reads them
+    (one sync) at log and checkpoint steps and stops the run once train.max_bad_steps came in a row.
+    """
+
+    def __init__(self, before: int, limit: int, device: torch.device):
+        self.before, self.limit = before, limit
+        self.count = torch.zeros((), dtype=torch.int64, device=device)  # skipped steps since this start
+        self.streak = torch.zeros_like(self.count)  # skipped steps in a row, ending at the latest step
+        self.longest = torch.zeros_like(self.count)  # the longest streak since the last check
+
+    def update(self, *grad_norms: torch.Tensor) -> None:
+        bad = ~torch.stack([torch.isfinite(n) for n in grad_norms]).all()
+        self.count += bad
+        self.streak = (self.streak + 1) * bad
+        self.longest = torch.maximum(self.longest, self.streak)
+
+    def total(self) -> int:
+        return self.before + int(self.count)
+
+    def check(self, step: int) -> None:
+        longest = int(self.longest)
+        self.longest = self.streak.clone()  # a streak still going on carries over to the next check
+        if longest >= self.limit:
+            raise FloatingPointError(
+                f"NaN/Inf gradients in {longest} steps in a row by step {step} (train.max_bad_steps is "
+                f"{self.limit}); their updates were skipped; try a lower learning rate, or bf16/fp32 instead of fp16"
+            )
+
+    def state_dict(self) -> dict:
+        return {"total": self.total()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.before, self.count = int(state["total"]), torch.zeros_like(self.count)
+
+
+class RNGState:
+    """This process's global RNGs (Python, NumPy, torch, CUDA) as a piece of per-rank state."""
+
+    def state_dict(self) -> dict:
+        return checkpoint.rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        checkpoint.set_rng_state(state)
+
+
+class TrainState:
+    """A run's models, optimizers, counters and data stream on this rank: build(), state_dict(), load_state_dict().
+
+    G and D are what the step runs (wrapped for DDP when there are several processes); G_plain and D_plain the
+    modules inside, which checkpoints, sampling and the G step's D use.
+    """
+
+    def __init__(self, cfg: Config, runtime: Runtime):
+        """Build everything from the config on every rank: weights from run.seed, then wrapped for the runtime."""
+        self.cfg, self.runtime = cfg, runtime
+        self.step, self.wandb_id, self.data_skipped_before = 0, None, 0
+        self.elapsed_before_s, self.started = 0.0, time.time()
+        self.notes: list[str] = []  # what building and resuming decided, for the console
+
+        torch.manual_seed(cfg.run.seed)
+        G, D = build_models(cfg.model, points=is_points(cfg))
+        if cfg.train.channels_last:  # 4-D conv weights only; linear layers are unaffected
+            G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+        self.ema = EMA(G, cfg.train.ema_halflife_images, cfg.train.ema_rampup)  # a plain copy, before any wrapping
+        self.ema.model.to(runtime.device)
+        self.G, self.D = runtime.wrap(G, D, sync_bn=cfg.dist.sync_bn)  # every rank, same order
+        self.G_plain, self.D_plain = runtime.unwrap(self.G), runtime.unwrap(self.D)
+        adam = {"betas": (cfg.optim.beta1, cfg.optim.beta2), "fused": cfg.optim.fused}
+        self.opt_g = torch.optim.Adam(self.G_plain.parameters(), lr=cfg.optim.lr_g, **adam)
+        self.opt_d = torch.optim.Adam(self.D_plain.parameters(), lr=cfg.optim.lr_d, **adam)
+        self.precision = Precision(runtime.precision(cfg.train.precision), runtime.device)
+        self.bad_steps = BadSteps(0, cfg.train.max_bad_steps, runtime.device)
+        workers, note = runtime.loader_workers(cfg.data.workers)
+        if note and cfg.data.source in ("shards", "folder"):
+            self.notes.append(f"data: {note}")
+        pinned = runtime.device.type == "cuda"
+        self.data = build_source(cfg, runtime.rank, runtime.world, pin_memory=pinned, workers=workers)
+        self.rng = RNGState()
+
+    @property
+    def G_ema(self) -> torch.nn.Module:
+        return self.ema.model
+
+    def parts(self) -> dict:
+        """The pieces of state that are the same on every rank, by their checkpoint key: one line each."""
+        return {
+            "G": self.G_plain,
+            "G_ema": self.ema,
+            "D": self.D_plain,
+            "opt_g": self.opt_g,
+            "opt_d": self.opt_d,
+            "scalers": self.precision,
+            "bad_steps": self.bad_steps,
+        }
+
+    def rank_parts(self) -> dict:
+        """The pieces of state each rank has its own of (gathered into the checkpoint's `ranks` list)."""
+        return {"rng": self.rng, "data": self.data}
+
+    def elapsed_s(self) -> float:
+        """Training seconds of the whole run so far, restarts included."""
+        return self.elapsed_before_s + time.time() - self.started
+
+    def data_skipped(self) -> int:
+        """Unreadable samples of the whole run, all ranks (a collective: every rank calls it at the same steps)."""
+        here = torch.tensor(self.data.skipped, device=self.runtime.device)
+        return self.data_skipped_before + int(self.runtime.sum(here))
+
+    def state_dict(self) -> dict:
+        """The checkpoint's content. Every rank calls it: it gathers the ranks' RNG and data states and checks
+        that the replicas agree; the result is the same on every rank."""
+        ranks = self.runtime.gather_objects({name: part.state_dict() for name, part in self.rank_parts().items()})
+        content = {
+            "format": FORMAT,
+            "step": self.step,
+            "images_seen": self.step * self.cfg.train.batch_size,
+            **{name: part.state_dict() for name, part in self.parts().items()},
+            "data_skipped": self.data_skipped(),
+            "ranks": ranks,
+            "config": to_dict(self.cfg),
+            "versions": versions(),
+            "wandb_id": self.wandb_id,
+            "elapsed": self.elapsed_s(),
+        }
+        modules = {"G": self.G, "D": self.D, "G_ema": self.G_ema}
+        self.runtime.check_replicas(modules, buffers=self.cfg.dist.sync_bn)
+        return content
+
+    def load_state_dict(self, state: dict, own_run: bool = True) -> None:
+        """Continue from a checkpoint's content (current format; see upgrade). The W&B run id is kept only for
+        the run's own checkpoints (own_run): a run started from another one's checkpoint is a new W&B run."""
+        hyperparameters = {"opt_g": _hyperparameters(self.opt_g), "opt_d": _hyperparameters(self.opt_d)}
+        for name, part in self.parts().items():
+            if name == "G_ema" and name not in state:
+                self.ema.model.load_state_dict(self.G_plain.state_dict())
+                self.notes.append("the checkpoint holds no G_ema (written before distgan kept one): it starts from G")
+            else:
+                part.load_state_dict(state[name])
+        for name, groups in hyperparameters.items():  # configuration, not state: the config's values win
+            for group, values in zip(getattr(self, name).param_groups, groups, strict=True):
+                group.update(values)
+        self.step, self.data_skipped_before = state["step"], state["data_skipped"]
+        self.elapsed_before_s = state.get("elapsed", 0.0)
+        self.wandb_id = state.get("wandb_id") if own_run else None
+        ranks = state["ranks"]
+        if len(ranks) == self.runtime.world:  # the same layout: each rank continues exactly where it was
+            for name, part in self.rank_parts().items():
+                part.load_state_dict(ranks[self.runtime.rank][name])
+        else:  # elastic: the data streams re-plan themselves; fresh per-rank RNG streams (not bitwise)
+            self.data.load_state_dict(ranks[0]["data"])
+            torch.manual_seed(rng.derive_seed(self.cfg.run.seed, rng.RESEED, self.step, self.runtime.rank))
+        self.notes.extend(f"data: {note}" for note in self.data.notes)
+
+    def inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """This rank's slice of the step's real batch and noise, on the device, and the seconds spent waiting for
+        the data. Noise and flips are functions of (run.seed, step), drawn for the global batch."""
+        cfg, device = self.cfg, self.runtime.device
+        fetch_start = time.perf_counter()
+        batch = next(self.data)
+        waited = time.perf_counter() - fetch_start
+        real = to_model_input(batch, device)
+        if cfg.train.channels_last and real.dim() == 4:
+            real = real.contiguous(memory_format=torch.channels_last)
+        if cfg.data.hflip:
+            mask = flips(cfg.run.seed, step, cfg.train.batch_size)[self.data.rank_slice]
+            real = hflip(real, mask.to(device, non_blocking=True))
+        z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[self.data.rank_slice]
+        z = z.to(device, non_blocking=True)  # non-blocking: a blocking copy would wait for the GPU every step
+        return real, z, waited
+
+    def advance(self, stats: dict[str, torch.Tensor]) -> None:
+        """Bookkeeping after a training step: the skipped-step counters, G_ema, the step count."""
+        self.step += 1
+        self.bad_steps.update(stats["grad_norm/D"], stats["grad_norm/G"])
+        self.ema.update(self.G_plain, self.cfg.train.batch_size, self.step * self.cfg.train.batch_size)
+
+    def counters(self) -> dict[str, float]:
+        """The run's counters for a metrics row (every rank calls it; it stops a run of too many NaN steps)."""
+        self.bad_steps.check(self.step)
+        return {
+            "images_seen": self.step * self.cfg.train.batch_size,
+            "lr/G": self.opt_g.param_groups[0]["lr"],
+            "lr/D": self.opt_d.param_groups[0]["lr"],
+            "data/skipped": self.data_skipped(),
+            "train/skipped_steps": self.bad_steps.total(),
+        }
+
+    def save(self) -> Path:
+        """Write the checkpoint of the current step: every rank calls it, rank 0 writes; a failed write stops
+        every rank."""
+        self.bad_steps.check(self.step)
+        content = self.state_dict()
+        run_dir, path = Path(self.cfg.run.dir), checkpoint.path_for(self.cfg.run.dir, self.step)
+
+        def write() -> None:
+            checkpoint.save(path, content, self.runtime.is_main)
+            checkpoint.purge(run_dir, self.cfg.checkpoint.keep, self.cfg.checkpoint.keep_every, self.runtime.is_main)
+
+        self.runtime.guard(write)
+        return path
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each parameter group's settings (lr, betas, ...) without its parameters."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries that shape a run's numbers."""
+    import accelerate
+    import torchvision
+
+    return {
+        "torch": str(torch.__version__),
+        "torchvision": torchvision.__version__,
+        "accelerate": accelerate.__version__,
+    }
+
+
+def load_models(path: str | Path, ema: bool = True) -> tuple[Config, torch.nn.Module, torch.nn.Module, str]:
+    """A checkpoint's config, generator, D (both in eval mode, on the CPU) and the generator's name: "G_ema", or
+    "G" when ema is False or the checkpoint predates G_ema. What sample and eval read."""
+    state = upgrade(checkpoint.load(path), path)
+    cfg = from_dict(state["config"])
+    G, D = build_models(cfg.model, points=is_points(cfg))
+    which = "G_ema" if ema and "G_ema" in state else "G"
+    G.load_state_dict(state[which])
+    D.load_state_dict(state["D"])
+    return cfg, G.eval(), D.eval(), which
