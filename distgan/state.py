@@ -25,7 +25,7 @@ from typing import NamedTuple
 import torch
 
 from distgan import checkpoint, rng
-from distgan.config import Config, ConfigError, from_dict, is_points, to_dict
+from distgan.config import Config, ConfigError, first_line, from_dict, is_points, to_dict
 from distgan.data import build_source, flips, hflip, to_model_input
 from distgan.dist import Runtime
 from distgan.ema import EMA
@@ -99,7 +99,7 @@ def find_resume(cfg: Config, is_main: bool) -> Resume | None:
         try:
             found = checkpoint.Found(Path(cfg.checkpoint.resume), checkpoint.load(cfg.checkpoint.resume))
         except Exception as e:
-            raise ConfigError(f"checkpoint.resume {cfg.checkpoint.resume}: {checkpoint.first_line(e)}") from None
+            raise ConfigError(f"checkpoint.resume {cfg.checkpoint.resume}: {first_line(e)}") from None
     if found is None:
         return None
     state = upgrade(found.state, found.path)
