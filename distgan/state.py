@@ -167,7 +167,7 @@ class TrainState:
         self.cfg, self.runtime = cfg, runtime
         self.step, self.wandb_id, self.data_skipped_before = 0, None, 0
         self.elapsed_before_s, self.started = 0.0, time.time()
-        self.notes: list[str] = []  # what building and resuming decided, for the console
+        self.notes: list[str] = []  # what building and resuming decided, for the console (and data.notes)
 
         torch.manual_seed(cfg.run.seed)
         G, D = build_models(cfg.model, points=is_points(cfg))
@@ -261,7 +261,6 @@ class TrainState:
         else:  # elastic: the data streams re-plan themselves; fresh per-rank RNG streams (not bitwise)
             self.data.load_state_dict(ranks[0]["data"])
             torch.manual_seed(rng.derive_seed(self.cfg.run.seed, rng.RESEED, self.step, self.runtime.rank))
-        self.notes.extend(f"data: {note}" for note in self.data.notes)
 
     def inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """This rank's slice of the step's real batch and noise, on the device, and the seconds spent waiting for

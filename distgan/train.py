@@ -147,7 +147,7 @@ def describe_run(runtime: Runtime, state: TrainState, resume) -> str:
         written_by = len(resume.state["ranks"])
         layout = "" if written_by == world else f" (written by {written_by} processes)"
         lines.append(f"resumed from {resume.path} at step {state.step}{layout}")
-    return "\n".join(lines + state.notes)
+    return "\n".join(lines + state.notes + [f"data: {note}" for note in state.data.notes])
 
 
 def main(config: str | None = None, print_config: bool = False, **overrides) -> None:
