@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -36,9 +37,18 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def option(default: Any, doc: str, *, choices: tuple | None = None, minimum: float | None = None) -> Any:
-    """A config field with its documentation and the constraints a type cannot express."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum}
+def option(
+    default: Any,
+    doc: str,
+    *,
+    choices: tuple | None = None,
+    minimum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
+) -> Any:
+    """A config field with its documentation and the constraints a type cannot express: choices, an inclusive
+    minimum, exclusive bounds (above, below). Every float must also be finite."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "above": above, "below": below}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -60,7 +70,7 @@ class ModelConfig:
     ngf: int = option(32, "DCGAN generator width: channels of its last hidden layer (the seed: 64).", minimum=1)
     ndf: int = option(32, "DCGAN discriminator width: channels of its first layer (the seed: 64).", minimum=1)
     mlp_hidden: list[int] = option([256, 512, 1024], "MLP generator hidden sizes (the discriminator mirrors them).")
-    mlp_dropout: float = option(0.3, "Dropout after each MLP discriminator hidden layer.", minimum=0.0)
+    mlp_dropout: float = option(0.3, "Dropout after each MLP discriminator hidden layer.", minimum=0.0, below=1.0)
 
 
 @dataclass
@@ -117,10 +127,10 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr_g: float = option(2e-4, "Adam learning rate of G.", minimum=0.0)
-    lr_d: float = option(2e-4, "Adam learning rate of D.", minimum=0.0)
-    beta1: float = option(0.5, "Adam beta1 (DCGAN: 0.5).", minimum=0.0)
-    beta2: float = option(0.999, "Adam beta2.", minimum=0.0)
+    lr_g: float = option(2e-4, "Adam learning rate of G.", above=0.0)
+    lr_d: float = option(2e-4, "Adam learning rate of D.", above=0.0)
+    beta1: float = option(0.5, "Adam beta1 (DCGAN: 0.5).", minimum=0.0, below=1.0)
+    beta2: float = option(0.999, "Adam beta2.", minimum=0.0, below=1.0)
     fused: bool = option(True, "Fused Adam: one kernel updates every parameter (instead of a loop over them).")
 
 
@@ -274,11 +284,21 @@ def validate(cfg: Config) -> None:
     for key, f in iter_fields():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
-        if choices and value not in choices:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}; got {value!r}")
-        if minimum is not None and value < minimum:
-            raise ConfigError(f"config key '{key}' must be >= {minimum}; got {value!r}")
+        meta = f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ConfigError(
+                f"config key '{key}' must be one of {', '.join(map(str, meta['choices']))}; got {value!r}"
+            )
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
+        for bound, fails, words in (
+            ("minimum", float.__lt__, ">="),
+            ("above", float.__le__, ">"),
+            ("below", float.__ge__, "<"),
+        ):
+            limit = meta.get(bound)
+            if limit is not None and fails(float(value), float(limit)):
+                raise ConfigError(f"config key '{key}' must be {words} {limit}; got {value!r}")
     if cfg.data.source in ("shards", "folder") and not cfg.data.path:
         raise ConfigError(f"data.source '{cfg.data.source}' needs data.path")
     if cfg.data.source == "digits" and cfg.model.channels != 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import random
 import resource
@@ -267,7 +268,7 @@ class Tracker:
         if not self.is_main:
             return
         row = {"step": step, "time": round(self.elapsed(), 3), **metrics}
-        self._metrics.write(json.dumps(row) + "\n")
+        self._metrics.write(strict_json(row) + "\n")
         self._metrics.flush()
         self.last_row = row
         self._each_sink("log", step, metrics)
@@ -329,7 +330,7 @@ class Tracker:
             "images_seen": step * self.cfg.train.batch_size,
             "wall_time_s": round(self.elapsed(), 3),
         }
-        atomic_write(self.run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        atomic_write(self.run_dir / "summary.json", strict_json(summary, indent=1) + "\n")
         self._each_sink("summary", summary)
         self.print(
             f"done: {step} steps, {summary['images_seen']} images in {_clock(summary['wall_time_s'])}; "
@@ -354,6 +355,20 @@ class Tracker:
             if self._metrics is not None:
                 self._metrics.close()
                 self._metrics = None
+
+
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def strict_json(row: dict, indent: int | None = None) -> str:
+    """A metrics row (or summary) as strict JSON. JSON has no NaN or infinity (Python would write the bare words
+    NaN and Infinity, which other readers refuse): they are written as the strings "NaN", "Infinity" and
+    "-Infinity", which float() reads back."""
+
+    def value(v):
+        return NON_FINITE[str(v)] if isinstance(v, float) and not math.isfinite(v) else v
+
+    return json.dumps({k: value(v) for k, v in row.items()}, indent=indent, allow_nan=False)
 
 
 class LogWindow:

@@ -9,15 +9,17 @@ from distgan.bench import write_photos
 
 
 def test_compare_runs_both_loops_on_the_same_images_and_prints_the_ratio(tmp_path):
+    # fp32: bf16 DCGAN-64 convolutions on a CPU without AVX-512 BF16 ran past 300 s for these 10 steps in CI
+    # (bf16 is covered by the `train` test below, on the small digits model)
     write_photos(tmp_path / "images", 160)
-    args = ["compare", "--images", str(tmp_path / "images"), "--steps", "10", "--precisions", "bf16", "--workers", "1"]
+    args = ["compare", "--images", str(tmp_path / "images"), "--steps", "10", "--precisions", "fp32", "--workers", "1"]
     result = run_cli("distgan.bench", *args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = {
         line.split()[0]: line.split() for line in result.stdout.splitlines() if line.startswith(("example", "distgan"))
     }
-    assert set(lines) == {"example_fp32", "distgan_bf16"}
-    assert lines["example_fp32"][-1] == "1.00x" and float(lines["distgan_bf16"][1]) > 0
+    assert set(lines) == {"example_fp32", "distgan_fp32"}
+    assert lines["example_fp32"][-1] == "1.00x" and float(lines["distgan_fp32"][1]) > 0
 
 
 def test_train_reports_rate_data_wait_and_peak_memory_per_setting(tmp_path):

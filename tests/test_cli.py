@@ -16,7 +16,9 @@ TINY = ["--model.ngf=8", "--model.ndf=8", "--train.batch_size=8", "--log.progres
      (["--train.stepz=5"], "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
      (["--train.steps=many"], "config key 'train.steps' expects int, got 'many'"),
      (["--data.source=imagenet"], "config key 'data.source' must be one of"),
-     (["--run.dir=taken"], "run.dir taken exists and is not a directory")],
+     (["--run.dir=taken"], "run.dir taken exists and is not a directory"),
+     (["--optim.lr_g=nan"], "config key 'optim.lr_g' must be a finite number; got nan"),
+     (["--optim.beta1=1.5"], "config key 'optim.beta1' must be < 1.0; got 1.5")],
 )  # fmt: skip
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
     (tmp_path / "taken").write_text("precious")

@@ -118,3 +118,27 @@ def test_shipped_configs_load():
     assert configs
     for path in configs:
         load_config(str(path))
+
+
+def test_every_float_key_must_be_finite_and_within_its_meaning():
+    from distgan.config import iter_fields
+
+    floats = [key for key, f in iter_fields() if f.type == "float"]
+    assert len(floats) >= 7  # lr_g, lr_d, beta1, beta2, mlp_dropout, the two G_ema keys, dist.timeout_s
+    for key in floats:
+        for bad in ("nan", "inf", "-inf"):
+            with pytest.raises(ConfigError, match=rf"config key '{key}' must be a finite number; got"):
+                load_config(None, {key: bad})
+    refused = {
+        "optim.lr_g": (0.0, "> 0.0"),
+        "optim.lr_d": (-1e-4, "> 0.0"),
+        "optim.beta1": (1.5, "< 1.0"),
+        "optim.beta2": (1.0, "< 1.0"),
+        "model.mlp_dropout": (1.0, "< 1.0"),
+        "train.ema_rampup": (-0.1, ">= 0.0"),
+        "dist.timeout_s": (0.5, ">= 1.0"),
+    }
+    for key, (value, rule) in refused.items():
+        with pytest.raises(ConfigError, match=rf"config key '{key}' must be {rule}; got {value}"):
+            load_config(None, {key: value})
+    assert load_config(None, {"optim.beta1": 0.0, "optim.beta2": 0.99}).optim.beta2 == 0.99  # the edges that are valid

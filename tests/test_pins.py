@@ -73,15 +73,16 @@ def final_digest(run_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> str:
+def straight(tmp_path_factory) -> Path:
+    """The pinned run, 20 steps straight through, in this checkout (its checkpoints at steps 10 and 20 kept)."""
     run_dir = tmp_path_factory.mktemp("pins") / "straight"
     train(tiny_config(run_dir, **PIN))
-    return final_digest(run_dir)
+    return run_dir
 
 
 @pinned_here
 def test_one_process_computes_the_pinned_weights(straight):
-    assert straight == ONE_PROCESS
+    assert final_digest(straight) == ONE_PROCESS
 
 
 @pinned_here
@@ -97,12 +98,35 @@ def test_two_processes_with_synced_batch_norm_compute_the_pinned_weights(tmp_pat
     assert final_digest(tmp_path / "two") == TWO_PROCESSES
 
 
-def test_a_checkpoint_of_the_earlier_format_resumes_to_the_same_weights(tmp_path, straight):
-    run_dir = tmp_path / "resumed"
+def resume_from(run_dir: Path, source: Path | dict) -> Path:
+    """Train PIN's run in run_dir from `source` (a file, or a checkpoint's content) as its step-10 checkpoint."""
     (run_dir / "checkpoints").mkdir(parents=True)
-    shutil.copy(FIXTURE, checkpoint.path_for(run_dir, 10))
+    if isinstance(source, dict):
+        torch.save(source, checkpoint.path_for(run_dir, 10))
+    else:
+        shutil.copy(source, checkpoint.path_for(run_dir, 10))
     train(tiny_config(run_dir, **PIN))
-    assert final_digest(run_dir) == straight
+    return run_dir
+
+
+def test_the_checkpoint_fixture_of_format_0_resumes_to_the_straight_runs_weights(tmp_path, straight):
+    resumed = checkpoint.load(checkpoint.path_for(resume_from(tmp_path / "resumed", FIXTURE), 20))
+    reference = checkpoint.load(checkpoint.path_for(straight, 20))
+    assert resumed["step"] == 20 and resumed["format"] == reference["format"]
+    for net in ("G", "D", "G_ema"):  # the same tensors; their bits equal only on the CPU that wrote the fixture
+        assert {k: v.shape for k, v in resumed[net].items()} == {k: v.shape for k, v in reference[net].items()}
+    if kernels() == RECORDED_ON:
+        assert digest(resumed) == final_digest(straight)
+
+
+def test_this_checkouts_checkpoint_written_as_format_0_resumes_bitwise(tmp_path, straight):
+    """On every CPU: the straight run's own step-10 checkpoint, rewritten as format 0 (no version, the
+    skipped-step count a bare int), resumes to exactly the straight run's weights."""
+    state = checkpoint.load(checkpoint.path_for(straight, 10))
+    older = {k: v for k, v in state.items() if k != "format"} | {"bad_steps": state["bad_steps"]["total"]}
+    assert digest(checkpoint.load(checkpoint.path_for(resume_from(tmp_path / "old", older), 20))) == final_digest(
+        straight
+    )
 
 
 def test_a_changed_learning_rate_and_beta_take_effect_on_resume(tmp_path):

@@ -1,6 +1,7 @@
 """Observability: W&B runs read back from their files, TensorBoard events, console, summary, report, secrets."""
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -291,6 +292,22 @@ def test_cuda_runs_log_their_peak_memory(tmp_path):
     assert all(0 < row["gpu/max_allocated_gb"] < 80 for row in rows)
 
 
+def read_all(main: int) -> str:
+    """Everything written to a pty whose terminal side is closed. Linux hands a pty's output to its reader from
+    a kernel worker, so one read may return only part of it (seen on a loaded machine): read until EIO."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(main, 1 << 16)
+        except OSError:  # EIO: the terminal side is closed and everything was read
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(main)
+    return b"".join(chunks).decode()
+
+
 def test_on_a_terminal_rank_0_draws_a_bar_with_eta_and_the_key_figures(tmp_path, monkeypatch):
     import fcntl
     import pty
@@ -310,8 +327,7 @@ def test_on_a_terminal_rank_0_draws_a_bar_with_eta_and_the_key_figures(tmp_path,
         tracker.log(step, {"loss/D": 1.25, "loss/G": 0.75, "D/real": 0.5, "D/fake_before": 0.25, "images_per_s": 99})
     tracker.close()
     sys.stderr.close()
-    shown = os.read(main, 1 << 16).decode()
-    os.close(main)
+    shown = read_all(main)
     assert "4/10" in shown and re.search(r"\d\d:\d\d<\d\d:\d\d", shown)  # done/total, elapsed<remaining (ETA)
     assert "loss/D=1.25" in shown and "loss/G=0.75" in shown and "D/real=0.5" in shown and "img/s=99" in shown
     assert not [line for line in shown.splitlines() if line.startswith("step ")]  # a bar, not lines
@@ -358,3 +374,21 @@ def test_the_report_leaves_out_a_grid_cut_short_and_says_so(tmp_path):
     assert f"distgan: warning: report leaves out {cut}" in done.stderr
     height = 2 * (34 + 2) * 2  # two rows (steps 2 and 6) of 32-pixel samples, enlarged twice
     assert Image.open(tmp_path / "run" / "report" / "samples.png").size[1] == height
+
+
+def test_metrics_rows_stay_strict_json_when_a_value_is_not_finite(tmp_path):
+    from distgan.tracking import Tracker
+
+    cfg = tiny_config(tmp_path / "run", **{"log.progress": False, "log.wandb": "disabled"})
+    (tmp_path / "run").mkdir()
+    tracker = Tracker(cfg, is_main=True)
+    tracker.log(1, {"loss/D": float("nan"), "loss/G": float("inf"), "grad_norm/G": float("-inf"), "D/real": 0.5})
+    tracker.close()
+
+    def refuse(word):
+        raise ValueError(f"{word} is not JSON")
+
+    [line] = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    row = json.loads(line, parse_constant=refuse)  # the bare words NaN and Infinity would be refused here
+    assert (row["loss/D"], row["loss/G"], row["grad_norm/G"], row["D/real"]) == ("NaN", "Infinity", "-Infinity", 0.5)
+    assert math.isnan(float(row["loss/D"])) and float(row["loss/G"]) == math.inf
