@@ -17,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from distgan.config import ConfigError, first_line
 from distgan.files import atomic_write
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
@@ -27,6 +28,10 @@ class Found(NamedTuple):
 
     path: Path
     state: dict
+
+
+class NotACheckpoint(ConfigError):
+    """A file that loads but is not a distgan checkpoint (set aside like an unreadable one when resuming)."""
 
 
 class CheckpointError(RuntimeError):
@@ -55,14 +60,6 @@ def save(path: Path, state: dict, is_main: bool) -> None:
         ) from e
 
 
-def remove_partial(run_dir: str | Path, is_main: bool = True) -> None:
-    """Delete temporary files that a killed writer left in checkpoints/ (never a finished checkpoint)."""
-    folder = Path(run_dir) / "checkpoints"
-    if is_main and folder.is_dir():
-        for stale in folder.glob(".step_*.pt.tmp-*"):
-            stale.unlink(missing_ok=True)
-
-
 def purge(run_dir: str | Path, keep: int, keep_every: int, is_main: bool = True) -> list[Path]:
     """Delete all but the newest `keep` checkpoints and those whose step is a multiple of keep_every."""
     files = list_checkpoints(run_dir) if is_main else []
@@ -78,6 +75,21 @@ def purge(run_dir: str | Path, keep: int, keep_every: int, is_main: bool = True)
 def load(path: str | Path) -> dict:
     """Load a checkpoint onto the CPU; pickled code objects are refused (weights_only)."""
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def why_unreadable(error: Exception) -> str:
+    """One line on why torch.load refused a file. torch's own message for a file holding pickled objects advises
+    loading it with weights_only=False, which is the wrong advice for a file one did not write: not repeated."""
+    text = str(error)
+    if "Weights only load failed" in text:  # the unpickler's own words follow "WeightsUnpickler error:"
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation")[0].split())
+        if "Unsupported global" in detail:
+            detail = detail.split(" was not an allowed global")[0]
+            return f"it holds pickled objects, not only tensors ({detail}); unpickling them could run code"
+        return f"not a readable torch file ({detail or 'refused by the weights-only unpickler'})"
+    if isinstance(error, OSError):
+        return error.strerror or first_line(error)
+    return f"not a readable torch file ({type(error).__name__}: {first_line(error)})"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -110,18 +122,32 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_latest(run_dir: str | Path, quarantine: bool = False) -> Found | None:
-    """The newest checkpoint that loads; unreadable newer ones are reported and skipped.
+def set_aside(run_dir: str | Path) -> list[Path]:
+    """Files of run_dir's checkpoints folder that were set aside as unreadable (*.pt.unreadable)."""
+    folder = Path(run_dir) / "checkpoints"
+    return sorted(folder.glob("step_*.pt.unreadable")) if folder.is_dir() else []
+
+
+def load_latest(run_dir: str | Path, quarantine: bool = False, check=None) -> Found | None:
+    """The newest checkpoint that loads (and passes check(content, path), which returns the content to use);
+    unreadable newer ones are reported and skipped, and so are files that check() finds are not checkpoints
+    (NotACheckpoint). Any other ConfigError from check() (a newer format, say) is raised.
 
     With quarantine (the main process of a run that resumes), a skipped file is renamed to *.unreadable: kept
     for inspection, but out of the way of purge, which would otherwise count it among the newest to keep.
     """
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return Found(path, load(path))
+            state = load(path)
+            return Found(path, check(state, path) if check else state)
+        except NotACheckpoint as e:
+            why = f"skipping checkpoint: {e}"
+        except ConfigError:
+            raise
         except Exception as e:  # a truncated or corrupt file: fall back to the one before
-            print(f"distgan: warning: skipping unreadable checkpoint {path}: {e}", file=sys.stderr)
-            if quarantine:
-                with contextlib.suppress(OSError):
-                    path.rename(path.with_name(path.name + ".unreadable"))
+            why = f"skipping unreadable checkpoint {path}: {why_unreadable(e)}"
+        print(f"distgan: warning: {why}", file=sys.stderr)
+        if quarantine:
+            with contextlib.suppress(OSError):
+                path.rename(path.with_name(path.name + ".unreadable"))
     return None

@@ -151,6 +151,11 @@ class CheckpointConfig:
     keep: int = option(3, "Keep this many of the newest checkpoints (older ones are deleted).", minimum=1)
     keep_every: int = option(0, "Also keep every checkpoint whose step is a multiple of this (0: none).", minimum=0)
     resume: str = option("", "A checkpoint file to start from when run.dir holds none of its own.")
+    start_over: bool = option(
+        False,
+        "When run.dir holds checkpoints but none loads, start again from step 0 instead of refusing; the run's "
+        "files are moved to run.dir/set_aside/<time>/ first, never deleted. Ignored when a checkpoint loads.",
+    )
 
 
 @dataclass

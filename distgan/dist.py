@@ -140,10 +140,14 @@ class Runtime:
             result = action(*args)
         except Exception as e:
             error, result = e, None
-        if self.any(error is not None):
+        if self.any(error is not None):  # only then, the errors themselves: rank 0 refusing is a refusal everywhere
+            said = self.gather_objects(None if error is None else (isinstance(error, ConfigError), first_line(error)))
             if error is not None:
                 raise error
-            raise RuntimeError("another rank failed to write the run's files; its error is in its log")
+            rank, (refused, text) = next((r, s) for r, s in enumerate(said) if s is not None)
+            if refused:
+                raise ConfigError(f"rank {rank} refused the run: {text}")
+            raise RuntimeError(f"rank {rank} failed to write the run's files: {text}")
         return result
 
     def check_replicas(self, modules: dict[str, nn.Module], buffers: bool = True) -> None:

@@ -40,6 +40,10 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], o
                 os.fsync(folder)
             finally:
                 os.close(folder)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e  # a failed write or fsync: say of which file
     finally:
         with contextlib.suppress(OSError):  # nothing left to remove, or a folder that never was one
             tmp.unlink()

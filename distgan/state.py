@@ -18,6 +18,7 @@ of an older format is upgraded when it is read (UPGRADES), one of a newer format
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -25,12 +26,13 @@ from typing import NamedTuple
 import torch
 
 from distgan import checkpoint, rng
-from distgan.config import Config, ConfigError, first_line, from_dict, is_points, to_dict
+from distgan.config import Config, ConfigError, from_dict, is_points, to_dict
 from distgan.data import build_source, flips, hflip, to_model_input
 from distgan.dist import Runtime
 from distgan.ema import EMA
 from distgan.models import build_models
 from distgan.precision import Precision
+from distgan.rundir import RunDir
 
 FORMAT = 1
 # Keys a resumed run must share with its checkpoint: they define tensor shapes, or what the data position means.
@@ -57,8 +59,8 @@ UPGRADES = {0: _from_format_0}  # version -> the function that turns it into ver
 def upgrade(state: dict, path: str | Path) -> dict:
     """A checkpoint's content in the current FORMAT; ConfigError for a file that is not a distgan checkpoint or
     was written by a newer distgan."""
-    if not isinstance(state, dict) or "config" not in state or "G" not in state:
-        raise ConfigError(f"{path} is not a distgan checkpoint (it holds no config and no G)")
+    if not isinstance(state, dict) or not {"config", "G", "D", "step"} <= state.keys():
+        raise checkpoint.NotACheckpoint(f"{path} is not a distgan checkpoint (it holds no config, G, D and step)")
     version = state.get("format", 0)
     if not isinstance(version, int) or version > FORMAT:
         raise ConfigError(
@@ -92,19 +94,37 @@ class Resume(NamedTuple):
 
 
 def find_resume(cfg: Config, is_main: bool) -> Resume | None:
-    """The run dir's newest valid checkpoint, else checkpoint.resume, else None; checked against the config."""
+    """The run dir's newest valid checkpoint, else checkpoint.resume, else None; checked against the config.
+
+    A run dir that holds checkpoints none of which loads is refused (ConfigError): starting again from step 0
+    would replace the run's metrics and W&B run. With checkpoint.start_over, the main process moves the run's
+    files to run.dir/set_aside/<time>/ instead and the run starts from step 0.
+    """
     run_dir = Path(cfg.run.dir)
-    found = checkpoint.load_latest(run_dir, quarantine=is_main)
+    # Listed before loading, checkpoints first: the main process renames the unreadable ones meanwhile.
+    candidates = [*checkpoint.list_checkpoints(run_dir), *checkpoint.set_aside(run_dir)]
+    found = checkpoint.load_latest(run_dir, quarantine=is_main, check=upgrade)
+    if found is None and candidates:
+        names = ", ".join(sorted({p.name.removesuffix(".unreadable") for p in candidates}))
+        if not cfg.checkpoint.start_over:
+            raise ConfigError(
+                f"no checkpoint in {run_dir / 'checkpoints'} loads ({names}; kept as *.pt.unreadable). To start "
+                "this run again from step 0, add --checkpoint.start_over=true: its files move to run.dir/set_aside/"
+            )
+        if is_main:
+            moved = RunDir(run_dir).set_aside()
+            print(f"distgan: no checkpoint loads ({names}); the run's files were moved to {moved}", file=sys.stderr)
     if found is None and cfg.checkpoint.resume:
         try:
             found = checkpoint.Found(Path(cfg.checkpoint.resume), checkpoint.load(cfg.checkpoint.resume))
         except Exception as e:
-            raise ConfigError(f"checkpoint.resume {cfg.checkpoint.resume}: {first_line(e)}") from None
+            why = checkpoint.why_unreadable(e)
+            raise ConfigError(f"checkpoint.resume {cfg.checkpoint.resume}: {why}") from None
+        found = found._replace(state=upgrade(found.state, found.path))
     if found is None:
         return None
-    state = upgrade(found.state, found.path)
-    check_compatible(state["config"], cfg, found.path)
-    return Resume(found.path, state, found.path.resolve().is_relative_to(run_dir.resolve()))
+    check_compatible(found.state["config"], cfg, found.path)
+    return Resume(found.path, found.state, found.path.resolve().is_relative_to(run_dir.resolve()))
 
 
 class BadSteps:
@@ -212,6 +232,14 @@ class TrainState:
     def elapsed_s(self) -> float:
         """Training seconds of the whole run so far, restarts included."""
         return self.elapsed_before_s + time.time() - self.started
+
+    def checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes on disk: G, G_ema and D, and Adam's two moments of G's and D's weights."""
+
+        def size(module: torch.nn.Module) -> int:
+            return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+        return 3 * size(self.G_plain) + size(self.G_ema) + 3 * size(self.D_plain)
 
     def data_skipped(self) -> int:
         """Unreadable samples of the whole run, all ranks (a collective: every rank calls it at the same steps)."""

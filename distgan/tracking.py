@@ -268,8 +268,11 @@ class Tracker:
         if not self.is_main:
             return
         row = {"step": step, "time": round(self.elapsed(), 3), **metrics}
-        self._metrics.write(strict_json(row) + "\n")
-        self._metrics.flush()
+        try:
+            self._metrics.write(strict_json(row) + "\n")
+            self._metrics.flush()
+        except OSError as e:  # a full disk: say of which file
+            raise OSError(e.errno, e.strerror, self._metrics.name) from e
         self.last_row = row
         self._each_sink("log", step, metrics)
         shown = {k: f"{metrics[k]:.3g}" for k in SHOWN if k in metrics}
@@ -353,7 +356,10 @@ class Tracker:
             self.sinks.clear()
         finally:
             if self._metrics is not None:
-                self._metrics.close()
+                # Every row was flushed when logged: closing can fail only on the row whose write already raised
+                # (a full disk), and must not replace that error.
+                with contextlib.suppress(OSError):
+                    self._metrics.close()
                 self._metrics = None
 
 

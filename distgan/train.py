@@ -5,6 +5,7 @@ python -m distgan.train [--config FILE] [--section.key=value ...]     (--help li
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from distgan.dist import Runtime, StopVote
 from distgan.eval import Evaluator
 from distgan.losses import d_loss, g_loss
 from distgan.precision import Precision
+from distgan.rundir import RunDir
 from distgan.state import TrainState, find_resume
 from distgan.tracking import LogWindow, Tracker, tag_console, wandb_mode, write_config
 
@@ -80,12 +82,21 @@ def train(cfg: Config) -> None:
     wandb_mode(cfg)  # a bad WANDB_MODE fails here, on every rank
     runtime = Runtime(cfg, batch_size=cfg.train.batch_size)
     tag_console(runtime.rank, runtime.world)
+    # Rank 0 locks run.dir for the run (one writer) and checks it can be written; no rank writes before this.
+    with runtime.guard(RunDir(run_dir, runtime.is_main).claim) as claimed:
+        run(cfg, runtime, claimed)
+
+
+def run(cfg: Config, runtime: Runtime, run_dir: RunDir) -> None:
+    """The run on a claimed run.dir: resume, build, loop."""
     resume = find_resume(cfg, runtime.is_main)
-    write_config(run_dir, to_yaml(cfg), runtime.is_main)
-    checkpoint.remove_partial(run_dir, runtime.is_main)
     state = TrainState(cfg, runtime)
     if resume is not None:
         state.load_state_dict(resume.state, own_run=resume.own_run)
+    space = runtime.guard(run_dir.check_space, state.checkpoint_bytes(), cfg.checkpoint.keep)
+    if space:  # a checkpoint fits, but not checkpoint.keep + 1 of them
+        print(f"distgan: warning: {space}", file=sys.stderr)
+    write_config(run_dir.path, to_yaml(cfg), runtime.is_main)
     metrics = eval_metrics(cfg) if cfg.eval.every else []
     # Inception for FID is found, hash-checked and loaded here; a rank that fails stops them all.
     evaluator = runtime.guard(Evaluator, cfg, metrics, runtime) if metrics else None
@@ -93,7 +104,7 @@ def train(cfg: Config) -> None:
     state.wandb_id = tracker.run_id
     tracker.print(describe_run(runtime, state, resume))
     if state.step >= cfg.train.steps:
-        tracker.print(f"run in {run_dir} is already complete ({state.step} steps); raise train.steps to go on")
+        tracker.print(f"run in {run_dir.path} is already complete ({state.step} steps); raise train.steps to go on")
         tracker.close()
         return runtime.close()
 
@@ -165,6 +176,13 @@ def main(config: str | None = None, print_config: bool = False, **overrides) -> 
         raise dist.explain_peer_lost(e, str(saved[-1]) if saved else None) from e
 
 
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
+
+
+def tag_of_rank() -> str:
+    return f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
 USAGE = """usage: python -m distgan.train [--config FILE] [--section.key=value ...] [--print_config]
 
 Trains a GAN; with no arguments, the DCGAN on scikit-learn's digits. Config keys and defaults:
@@ -181,6 +199,11 @@ def cli(argv: list[str] | None = None) -> None:
         run_command(main, "distgan.train", argv)
     except dist.PeerLost as e:  # one line per rank, not each rank's traceback of the collective it waited in
         print(f"[rank {os.environ.get('RANK', '?')}] distgan: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (checkpoint.CheckpointError, OSError) as e:  # a disk that filled up or went read-only mid-run
+        if not isinstance(e, checkpoint.CheckpointError) and e.errno not in DISK_ERRORS:
+            raise  # a bug: its traceback
+        print(f"{tag_of_rank()}distgan: error: {e}", file=sys.stderr)  # names the file
         sys.exit(1)
 
 

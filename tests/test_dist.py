@@ -5,7 +5,7 @@ import torch
 from conftest import run_ranks
 from torch import nn
 
-from distgan.config import load_config
+from distgan.config import ConfigError, load_config
 from distgan.dist import Runtime
 from distgan.models import build_models
 from distgan.precision import Precision
@@ -194,8 +194,23 @@ def rank_0_write_fails(rank: int, world_size: int) -> str:
     return "went on"
 
 
+def rank_0_refuses(rank: int, world_size: int) -> str:
+    runtime = Runtime(load_config(None, SMALL))
+
+    def claim() -> None:
+        if rank == 0:
+            raise ConfigError("run.dir runs/x is in use by another run")
+
+    runtime.guard(claim)
+    return "went on"
+
+
 def test_a_write_failing_on_rank_0_stops_every_rank(tmp_path):
     assert run_ranks(rank_0_write_fails, tmp_path, timeout=60) == [
         "error: OSError: [Errno 28] No space left on device",
-        "error: RuntimeError: another rank failed to write the run's files; its error is in its log",
+        "error: RuntimeError: rank 0 failed to write the run's files: [Errno 28] No space left on device",
+    ]
+    assert run_ranks(rank_0_refuses, tmp_path, timeout=60) == [  # a refusal is one everywhere: exit 2 on each rank
+        "error: ConfigError: run.dir runs/x is in use by another run",
+        "error: ConfigError: rank 0 refused the run: run.dir runs/x is in use by another run",
     ]
