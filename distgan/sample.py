@@ -12,9 +12,13 @@ scatter plot of the N points over the mixture's modes.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,17 +85,23 @@ def main(
     ema: bool = True,
     interpolate: int = 0,
 ) -> None:
-    """Write samples of the checkpoint's generator to out (see the module docstring)."""
+    """Write samples of the checkpoint's generator to out (see the module docstring).
+
+    Every argument is checked before the checkpoint is loaded or anything is written (ConfigError otherwise).
+    """
+    checkpoint, out = _file_name(checkpoint, "checkpoint"), _file_name(out, "out")
+    num, seed = _whole(num, "num", 1), _whole(seed, "seed", 0, 2**64 - 1)
+    batch_size, interpolate = _whole(batch_size, "batch_size", 1), _whole(interpolate, "interpolate", 0)
     out_path, ema = Path(out), flag(ema, "ema")
     if out_path.suffix not in FORMATS:
         raise ConfigError(f"--out must end in {' or '.join(FORMATS)}; got {out}")
+    if not out_path.parent.is_dir():  # not created: a typo in the folder should not make a new tree
+        raise ConfigError(f"--out {out}: the folder {out_path.parent} does not exist")
+    if out_path.is_dir():
+        raise ConfigError(f"--out {out} is a folder")
     if not Path(checkpoint).is_file():
         raise ConfigError(f"checkpoint not found: {checkpoint}")
-    if num < 1:
-        raise ConfigError(f"--num must be >= 1; got {num}")
-    if batch_size < 1:
-        raise ConfigError(f"--batch_size must be >= 1; got {batch_size}")
-    if interpolate == 1 or interpolate < 0:
+    if interpolate == 1:
         raise ConfigError(f"--interpolate needs at least 2 steps (0: no interpolation); got {interpolate}")
     try:
         G, cfg, which = load_generator(checkpoint, "auto", ema)
@@ -123,8 +133,47 @@ def main(
     print(f"wrote {len(samples)} samples of {which} to {out_path}")
 
 
+def _whole(value: Any, name: str, low: int, high: int | None = None) -> int:
+    """An integer flag's value within [low, high]; fire passes `--num 12` as 12 but `--num abc` as 'abc'."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"--{name} must be a whole number; got {value!r}")
+    if value < low:
+        raise ConfigError(f"--{name} must be >= {low}; got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"--{name} must be <= {high}; got {value}")
+    return value
+
+
+def _file_name(value: Any, name: str) -> str:
+    """A path flag's value; fire turns `--out 5` into an int and a trailing `--out` into True."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float, Path)):
+        raise ConfigError(f"--{name} takes a file name; got {value!r}")
+    return str(value)
+
+
+def _checked_main(*args: Any, **kwargs: Any) -> None:
+    """main, after refusing unknown flags and missing or surplus arguments.
+
+    fire calls a function with the flags it knows and complains about the others only after it returned, i.e.
+    after the samples were written; taking **kwargs makes fire pass every flag here instead.
+    """
+    params = inspect.signature(main).parameters
+    for key in kwargs:
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.6)
+            hint = f" (did you mean --{close[0]}?)" if close else f" (flags: {', '.join('--' + p for p in params)})"
+            raise ConfigError(f"unknown flag --{key}{hint}")
+    try:
+        bound = inspect.signature(main).bind(*args, **kwargs)
+    except TypeError:  # with no positional argument, only --checkpoint can be missing
+        raise ConfigError(f"unexpected argument {args[-1]!r}" if args else "--checkpoint is required") from None
+    main(*bound.args, **bound.kwargs)
+
+
 def cli(argv: list[str] | None = None) -> None:
-    run_command(main, "distgan.sample", sys.argv[1:] if argv is None else argv, usage=__doc__)
+    run_command(_checked_main, "distgan.sample", sys.argv[1:] if argv is None else argv, usage=__doc__)
 
 
 if __name__ == "__main__":

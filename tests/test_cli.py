@@ -5,6 +5,7 @@ import pytest
 from conftest import run_cli, tiny_config
 from PIL import Image
 
+from distgan import sample
 from distgan.train import train
 
 TINY = ["--model.ngf=8", "--model.ndf=8", "--train.batch_size=8", "--log.progress=False"]
@@ -104,3 +105,41 @@ def test_sample_refuses_a_missing_or_unsafe_checkpoint(tmp_path):
     result = run_cli("distgan.sample", "--checkpoint", "evil.pt", "--out", "s.png", cwd=tmp_path)
     assert result.returncode == 2 and "cannot load checkpoint evil.pt" in result.stderr
     assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--bogus", "1"], "unknown flag --bogus (flags: --checkpoint, --num, --out,"),
+     (["--nmu", "4"], "unknown flag --nmu (did you mean --num?)"),
+     (["--num", "abc"], "--num must be a whole number; got 'abc'"),
+     (["--num", "2.5"], "--num must be a whole number; got 2.5"),
+     (["--seed", "-1"], "--seed must be >= 0; got -1"),
+     (["--seed", "x"], "--seed must be a whole number; got 'x'"),
+     (["--batch_size", "many"], "--batch_size must be a whole number; got 'many'"),
+     (["--interpolate", "-2"], "--interpolate must be >= 0; got -2"),
+     (["--interpolate", "1"], "--interpolate needs at least 2 steps"),
+     (["--ema", "maybe"], "--ema takes true or false; got 'maybe'"),
+     (["--out", "missing/s.png"], "--out missing/s.png: the folder missing does not exist"),
+     (["stray"], "unexpected argument 'stray'")],
+)  # fmt: skip
+def test_sample_checks_every_argument_before_loading_or_writing(tmp_path, trained, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    loaded, load = [], sample.load_generator
+    monkeypatch.setattr(sample, "load_generator", lambda *a: loaded.append(a) or load(*a))
+    with pytest.raises(SystemExit) as stopped:  # the command line in-process: python -m distgan.sample is cli()
+        sample.cli(["--checkpoint", str(trained), "--num", "4", "--out", "s.npz", *args])  # args last: they win
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("distgan: error: ") and message in lines[0]
+    assert loaded == [] and list(tmp_path.iterdir()) == []  # nothing loaded, nothing written, no folder made
+
+
+def test_sample_accepts_fires_flag_forms_and_needs_a_checkpoint(tmp_path, trained, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    sample.cli([str(trained), "--num=3", "--out", "s.npz", "--noema", "--seed", "7"])  # positional checkpoint
+    assert "wrote 3 samples of G to s.npz" in capsys.readouterr().out
+    assert np.load(tmp_path / "s.npz")["images"].shape == (3, 32, 32, 1)
+    with pytest.raises(SystemExit) as stopped:
+        sample.cli(["--num", "3", "--out", "t.npz"])
+    assert stopped.value.code == 2 and capsys.readouterr().err == "distgan: error: --checkpoint is required\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]

@@ -1,6 +1,14 @@
+import errno
+import gc
 import io
 import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 import zipfile
 
 import numpy as np
@@ -11,7 +19,7 @@ from PIL import Image
 from distgan.bench import write_photos
 from distgan.config import ConfigError
 from distgan.data.images import square_resize
-from distgan.data.prepare import _SplitWriter, prepare
+from distgan.data.prepare import _init_pool_worker, _SplitWriter, cli, prepare
 from distgan.data.shards import tar_samples
 
 
@@ -31,6 +39,10 @@ def src(tmp_path_factory):
 
 def shard_bytes(out) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
+
+
+def folder_bytes(out) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
 
 
 def test_manifest_counts_and_skip_list(src, tmp_path):
@@ -152,3 +164,125 @@ def test_cli_summary_and_bad_input(src, tmp_path):
     assert empty.returncode == 2 and "holds no files" in empty.stderr
     bad = prepare_cli(src, "z", "--format", "gif")
     assert bad.returncode == 2 and "--format must be one of jpg, png" in bad.stderr
+
+
+def test_zip_members_climbing_out_of_the_archive_are_listed_as_skipped(src, tmp_path, capsys):
+    archive = tmp_path / "images.zip"
+    good = (src / "photos" / "000000.jpg").read_bytes()
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in sorted(src.rglob("*")):
+            if path.is_file():
+                z.write(path, path.relative_to(src).as_posix())
+        z.writestr("../escape.jpg", good)  # a valid image: only its name is wrong
+        z.writestr("photos/../../up.jpg", good)
+    m = prepare(str(archive), str(tmp_path / "out"), size=16, workers=1)  # progress on: the printed summary
+    climbing = [s["path"] for s in m["skipped"] if s["reason"] == "unsafe path: leads out of the archive (..)"]
+    assert climbing == ["../escape.jpg", "photos/../../up.jpg"]
+    assert m["num_files"] == 18 and m["num_skipped"] == 4 and m["num_samples"] == {"train": 14}
+    printed = capsys.readouterr().out
+    assert "skipped 4 of 18 files" in printed and "  ../escape.jpg: unsafe path" in printed
+
+
+@pytest.mark.parametrize("where", ["shard", "fsync"])  # writing a shard; syncing them all, after they closed
+def test_a_full_disk_is_one_line_exit_1_and_keeps_the_old_data(src, tmp_path, monkeypatch, capsys, where):
+    out = tmp_path / "out"
+    prepare(str(src), str(out), size=16, progress=False)
+    before = folder_bytes(out)
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    if where == "shard":
+        original = _SplitWriter.write
+        monkeypatch.setattr(_SplitWriter, "write", lambda w, s, i: full_disk() if i == 3 else original(w, s, i))
+    else:
+        monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(SystemExit) as stopped:
+        cli(["--src", str(src), "--out", str(out), "--size", "24", "--overwrite", "--workers", "1"])
+    assert stopped.value.code == 1  # a runtime write failure, as a checkpoint that cannot be written (2: bad input)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"distgan: error: could not write the shards for {out}: No space left on device; nothing was published "
+        f"and the data already in {out} is untouched"
+    )
+    assert folder_bytes(out) == before and [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_a_real_full_disk_closes_the_open_shard_quietly(src, tmp_path, monkeypatch, capsys):
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+
+    def free_bytes() -> int:
+        return os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+
+    try:
+        out = disk / "out"
+        prepare(str(src), str(out), size=16, progress=False)
+        before = folder_bytes(out)
+        (disk / "filler").write_bytes(b"\0" * (free_bytes() - 60_000))  # room for a shard or two of 128-pixel PNGs
+        room, late = free_bytes(), []
+        monkeypatch.setattr(sys, "unraisablehook", late.append)
+        with pytest.raises(SystemExit) as stopped:
+            cli(["--src", str(src), "--out", str(out), "--size", "128", "--format", "png", "--overwrite"])
+        assert stopped.value.code == 1
+        assert "No space left on device; nothing was published" in capsys.readouterr().err.splitlines()[-1]
+        assert folder_bytes(out) == before and sorted(p.name for p in disk.iterdir()) == ["filler", "out"]
+        assert free_bytes() == room  # no deleted shard held open by the exception's traceback
+        del stopped
+        gc.collect()  # a tar stream left open would try its last write again now, and fail
+        assert late == []
+    finally:
+        subprocess.run(["umount", "--lazy", str(disk)])
+
+
+def test_ctrl_c_is_one_line_exit_130_and_keeps_the_old_data(src, tmp_path):
+    """A terminal's Ctrl-C: SIGINT to the whole process group (the encoding workers too) while shards are written."""
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    buf = io.BytesIO()
+    Image.new("RGB", (1500, 1500), (9, 80, 200)).save(buf, format="PNG")
+    for i in range(96):  # about 65 ms each to decode and resize: some seconds in all
+        (slow / f"{i:03d}.png").write_bytes(buf.getvalue())
+    out = tmp_path / "out"
+    prepare(str(src), str(out), size=16, progress=False)
+    before = folder_bytes(out)
+    command = [sys.executable, "-m", "distgan.data.prepare", "--src", str(slow), "--out", str(out), "--size", "16"]
+    proc = subprocess.Popen(
+        [*command, "--shard_size", "1", "--overwrite", "--workers", "2"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(".out.partial/*.tar")):  # it has started writing
+            assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before it was interrupted"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=60)[1]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err  # neither the main process's nor a worker's
+    message = f"distgan: error: interrupted; nothing was published to {out} and the data already in {out} is untouched"
+    assert [line for line in err.splitlines() if "distgan" in line] == [message] and err.endswith(message + "\n")
+    assert folder_bytes(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out", "slow"]
+    for _ in range(100):  # the workers went with it (terminated, not orphaned)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("encoding workers outlived the interrupted prepare")
+
+
+def test_encoding_workers_leave_ctrl_c_to_the_main_process(src):
+    """A terminal's Ctrl-C reaches every process of the group; a worker that took it would print a traceback.
+
+    The main process terminates the workers first most of the time, so the test above does not catch this reliably.
+    """
+    init_args = (str(src), False, 16, "RGB", "jpg", 95)
+    with multiprocessing.get_context("fork").Pool(1, _init_pool_worker, init_args) as pool:
+        assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN

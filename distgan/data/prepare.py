@@ -10,18 +10,21 @@ seeded random order (so a small shuffle buffer at training time mixes well) to D
 with DIR/manifest.json holding per-shard sample counts and sha256 checksums. The output is a pure function of
 the input files and the options: the same input gives the same bytes, whatever the worker count.
 The shards are written to a temporary sibling folder and moved into place at the end, so an interrupted or
-failed run never leaves half a data set in DIR (nor removes the old one).
+failed run never leaves half a data set in DIR (nor removes the old one). A full disk (or any other write
+failure) exits with code 1 and Ctrl-C with 130, each with one line on stderr; a bad option exits with 2.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import io
 import json
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -39,15 +42,20 @@ ENCODINGS = ("jpg", "png")
 
 
 class Source:
-    """The candidate files of a folder or a zip, in sorted order of their relative paths."""
+    """The candidate files of a folder or a zip, in sorted order of their relative paths.
+
+    `unsafe`: zip members whose names climb out of the archive (`../x.jpg`); they are skipped, not read.
+    """
 
     def __init__(self, src: str | Path):
         self.path = Path(src)
         self.is_zip = self.path.is_file() and zipfile.is_zipfile(self.path)
+        self.unsafe: list[str] = []
         if self.is_zip:
             with zipfile.ZipFile(self.path) as archive:
                 names = [i.filename for i in archive.infolist() if not i.is_dir()]
-            self.members = sorted(n for n in names if not _hidden(PurePosixPath(n)))
+            self.unsafe = sorted(n for n in names if ".." in PurePosixPath(n).parts)
+            self.members = sorted(n for n in names if not _hidden(PurePosixPath(n)) and n not in self.unsafe)
             # A zip of a folder usually holds `folder/...`: strip that one top level so that the zip and the
             # unpacked folder give the same relative paths (and the same shards).
             tops = {PurePosixPath(n).parts[0] for n in self.members}
@@ -62,6 +70,8 @@ class Source:
             raise ConfigError(f"--src {src} is neither a folder nor a zip file")
         else:
             raise ConfigError(f"--src {src} does not exist")
+        if not self.members and self.unsafe:
+            raise ConfigError(f"--src {src} holds only files whose path leads out of it, e.g. {self.unsafe[0]}")
         if not self.members:
             raise ConfigError(f"--src {src} holds no files")
 
@@ -85,6 +95,8 @@ def encode(image: Image.Image, encoding: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
+UNSAFE_PATH = "unsafe path: leads out of the archive (..)"
+
 _worker: dict = {}
 
 
@@ -92,6 +104,13 @@ def _init_worker(src: str, is_zip: bool, size: int, mode: str, encoding: str, qu
     _worker.update(size=size, mode=mode, encoding=encoding, quality=quality)
     _worker["zip"] = zipfile.ZipFile(src) if is_zip else None  # one handle per worker process
     _worker["root"] = Path(src)
+
+
+def _init_pool_worker(*args) -> None:
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates the pool), so the
+    # workers do not print a traceback each.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _init_worker(*args)
 
 
 def _process(member: str) -> tuple[bytes | None, str | None]:
@@ -113,6 +132,14 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+class WriteError(RuntimeError):
+    """The shards could not be written (disk full, no permission); nothing was published (exit code 1)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C while the shards were written; nothing was published (exit code 130)."""
 
 
 class _SplitWriter:
@@ -143,6 +170,20 @@ class _SplitWriter:
         self.writer.write(sample)
         name = Path(self.writer.fname).name
         self.counts[name] = self.counts.get(name, 0) + 1
+
+    def abort(self) -> None:
+        """Close the open shard after a failure; its last writes may fail too (a full disk) and are ignored."""
+        shard = getattr(self.writer, "tarstream", None)  # webdataset's TarWriter of the open shard, if any
+        if shard is None:
+            return
+        with contextlib.suppress(OSError):  # else tarfile reports the same error again when collected
+            shard.close()
+        # When the tar's close fails, its file is left open: close it too, or the deleted file keeps its disk
+        # space for as long as the exception (and its traceback) lives.
+        file = getattr(shard, "own_fileobj", None)
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()
 
     def close(self) -> list[dict]:
         if self.writer is not None:
@@ -209,14 +250,16 @@ def prepare(
     class_index = {name: i for i, name in enumerate(classes or [])}
 
     staging = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    kept = f" and the data already in {out} is untouched" if out_dir.is_dir() and any(out_dir.iterdir()) else ""
+    writers: dict[str, _SplitWriter] = {}
     try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
         writers = {
             "val": _SplitWriter(staging, "val", num_val, shard_size),
             "train": _SplitWriter(staging, "train", n - num_val, shard_size),
         }
-        skipped = []
+        skipped = [{"path": name, "reason": UNSAFE_PATH} for name in source.unsafe]
         init_args = (str(source.path), source.is_zip, size, "RGB" if channels == 3 else "L", format, quality)
         members = [source.members[i] for i in order]
         bar = tqdm(total=n, unit="img", desc="prepare", disable=not progress, dynamic_ncols=True, mininterval=1.0)
@@ -225,7 +268,7 @@ def prepare(
             results = map(_process, members)
             pool = None
         else:
-            pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, init_args)
+            pool = multiprocessing.get_context("fork").Pool(workers, _init_pool_worker, init_args)
             results = pool.imap(_process, members, chunksize=16)  # imap keeps the input order
         try:
             for position, (index, (data, error)) in enumerate(zip(order, results)):
@@ -247,7 +290,10 @@ def prepare(
         splits = {name: w.close() for name, w in writers.items()}
         splits = {name: shards for name, shards in splits.items() if shards}
         if not splits:
-            raise ConfigError(f"--src {src}: none of its {n} files is a readable image (first: {skipped[0]['reason']})")
+            raise ConfigError(
+                f"--src {src}: none of its {n + len(source.unsafe)} files is a readable image "
+                f"(first: {skipped[0]['reason']})"
+            )
 
         manifest = {
             "format": FORMAT_NAME,
@@ -257,7 +303,7 @@ def prepare(
             "encoding": format,
             "source": str(source.path.resolve()),
             "options": {"quality": quality, "shard_size": shard_size, "val_fraction": val_fraction, "seed": seed},
-            "num_files": n,
+            "num_files": n + len(source.unsafe),
             "num_samples": {name: sum(s["samples"] for s in shards) for name, shards in splits.items()},
             "classes": classes,
             "splits": splits,
@@ -265,10 +311,17 @@ def prepare(
             "skipped": skipped,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    except BaseException:  # an error or Ctrl-C: leave no half-written data set behind
+        _replace_dir(staging, out_dir)
+    except BaseException as e:  # an error or Ctrl-C: leave no half-written data set behind
+        for writer in writers.values():
+            writer.abort()
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(e, OSError):  # a full disk, mostly (an unreadable input file is skipped, not raised)
+            reason = e.strerror or first_line(e)
+            raise WriteError(f"could not write the shards for {out}: {reason}; nothing was published{kept}") from e
+        if isinstance(e, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; nothing was published to {out}{kept}") from None
         raise
-    _replace_dir(staging, out_dir)
     if progress:
         print_summary(manifest, out)
     return manifest
@@ -280,10 +333,16 @@ def _replace_dir(staging: Path, out_dir: Path) -> None:
         with open(path, "rb") as f:
             os.fsync(f.fileno())
     old = out_dir.parent / f".{out_dir.name}.old"
-    if out_dir.exists():
+    moved = out_dir.exists()
+    if moved:
         shutil.rmtree(old, ignore_errors=True)
         out_dir.rename(old)
-    staging.rename(out_dir)
+    try:
+        staging.rename(out_dir)
+    except BaseException:  # a failed rename or Ctrl-C between the two: the old data goes back in place
+        if moved:
+            old.rename(out_dir)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -299,5 +358,17 @@ def print_summary(manifest: dict, out: str | Path) -> None:
             print(f"  ... and {m['num_skipped'] - 10} more")
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """Command-line entry: one line on stderr for a bad option (exit 2), a failed write (1) or Ctrl-C (130)."""
+    try:
+        run_command(prepare, "distgan.data.prepare", sys.argv[1:] if argv is None else argv, usage=__doc__)
+    except WriteError as e:  # a runtime failure, as a checkpoint that cannot be written stops training: 1
+        print(f"distgan: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt as e:
+        print(f"distgan: error: {e if isinstance(e, Interrupted) else 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    run_command(prepare, "distgan.data.prepare", sys.argv[1:], usage=__doc__)
+    cli()
