@@ -91,6 +91,12 @@ class DataConfig:
         5000, "Samples each shard reader shuffles among (prepare shuffled the shards).", minimum=1
     )
     hflip: bool = option(False, "Flip each training image horizontally with probability 1/2 (CelebA recipes do).")
+    verify: str = option(
+        "hash",
+        "shards with a manifest, checked at start: hash (each shard's size and sha256; a shard is hashed once, "
+        "then cached by path, size and mtime), size (sizes only), off. A missing or changed shard stops the run.",
+        choices=("hash", "size", "off"),
+    )
 
 
 @dataclass

@@ -175,15 +175,12 @@ def reference_set(cfg: Config) -> tuple[list[str], int, callable]:
     d, size, channels = cfg.data, cfg.model.image_size, cfg.model.channels
     common = [f"size {size}", f"channels {channels}"]
     if d.source == "shards":
-        from distgan.data.shards import resolve
+        from distgan.data.shards import resolve, shard_identity
 
-        shard_set = resolve(d.path)
+        shard_set = resolve(d.path, d.verify)
         count = min(cfg.eval.num_real, shard_set.num_samples)
-        manifest = Path(d.path) if Path(d.path).is_file() else Path(d.path) / "manifest.json"
-        identity = (
-            manifest.read_text() if manifest.is_file() else repr([_file_identity(s.url) for s in shard_set.shards])
-        )
-        key = ["shards", identity, *common, f"count {count}"]
+        # The shards' content (their sha256, cached), so an edited shard never reuses stale features.
+        key = ["shards", *(f"{shard_identity(s)} {s.samples}" for s in shard_set.shards), *common, f"count {count}"]
         return key, count, lambda rank, world, batch: _shard_images(shard_set, count, rank, world, batch, cfg)
     if d.source == "digits":
         from distgan.data.sources import TensorImages, load_digits
@@ -208,15 +205,6 @@ def reference_set(cfg: Config) -> tuple[list[str], int, callable]:
         count,
         lambda rank, world, batch: _indexed_images(images, count, rank, world, batch),
     )
-
-
-def _file_identity(url: str) -> str:
-    """A shard without a manifest (whose sha256 sums would name its content): its path, size and mtime if local."""
-    path = Path(url)
-    if path.is_file():
-        stat = path.stat()
-        return f"{path.resolve()} {stat.st_size} {stat.st_mtime_ns}"
-    return url
 
 
 def _indexed_images(images, count: int, rank: int, world: int, batch: int) -> Iterator[torch.Tensor]:

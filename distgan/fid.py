@@ -8,7 +8,6 @@ under distgan.cache.cache_dir("fid"), named by the content that defines them.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -20,7 +19,7 @@ from torch import nn
 
 from distgan.cache import cache_dir, content_key
 from distgan.config import ConfigError
-from distgan.files import atomic_write
+from distgan.files import atomic_write, sha256_of
 
 if TYPE_CHECKING:
     from distgan.dist import Runtime
@@ -65,15 +64,6 @@ def inception_weights_path(configured: str = "") -> Path:
     return path
 
 
-def file_sha256(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
-    """The hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def load_inception(path: str | Path, sha256: str = INCEPTION_SHA256) -> nn.Module:
     """InceptionV3 (uint8 (N, 3, H, W) -> (N, 2048) pool features) from a local file whose sha256 is checked first."""
     from torchmetrics.image.fid import NoTrainInceptionV3
@@ -81,7 +71,7 @@ def load_inception(path: str | Path, sha256: str = INCEPTION_SHA256) -> nn.Modul
     path = Path(path)
     if not path.is_file():
         raise ConfigError(_needed_file(f"{path} is not a file"))
-    actual = file_sha256(path)
+    actual = sha256_of(path)
     if actual != sha256:
         raise ConfigError(
             f"{path} has sha256 {actual}, expected {sha256}: a different or damaged file. " + _needed_file("Replace it")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import socket
 from collections.abc import Callable
@@ -47,3 +48,12 @@ def atomic_write(path: str | Path, content: bytes | str | Callable[[BinaryIO], o
     finally:
         with contextlib.suppress(OSError):  # nothing left to remove, or a folder that never was one
             tmp.unlink()
+
+
+def sha256_of(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torchvision.utils import save_image
 
 from distgan.config import ConfigError, first_line, flag, is_points, run_command
 from distgan.dist import Runtime
 from distgan.files import atomic_write
+from distgan.grid import make_grid, save_png
 from distgan.models import generate
 from distgan.state import load_models
 
@@ -124,12 +124,11 @@ def main(
         from distgan.toy import scatter_image
 
         plot = scatter_image(samples, cfg.data.source).float().div(255)
-        atomic_write(out_path, lambda f: save_image(plot, f, format="png"))
+        atomic_write(out_path, lambda f: save_png(plot, f))
     elif out_path.suffix == ".npz":
         atomic_write(out_path, lambda f: np.savez(f, images=to_uint8_nhwc(samples)))
     else:
-        grid = dict(nrow=per_row, normalize=True, value_range=(-1, 1), format="png")
-        atomic_write(out_path, lambda f: save_image(samples, f, **grid))
+        atomic_write(out_path, lambda f: save_png(make_grid(samples, nrow=per_row, value_range=(-1, 1)), f))
     print(f"wrote {len(samples)} samples of {which} to {out_path}")
 
 

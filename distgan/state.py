@@ -345,15 +345,11 @@ def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
 
 
 def versions() -> dict[str, str]:
-    """Versions of the libraries that shape a run's numbers."""
-    import accelerate
-    import torchvision
+    """Versions of the libraries that shape a run's numbers (read from their metadata: importing torchvision
+    costs seconds)."""
+    from importlib.metadata import version
 
-    return {
-        "torch": str(torch.__version__),
-        "torchvision": torchvision.__version__,
-        "accelerate": accelerate.__version__,
-    }
+    return {"torch": str(torch.__version__), "torchvision": version("torchvision"), "accelerate": version("accelerate")}
 
 
 def load_models(path: str | Path, ema: bool = True) -> tuple[Config, torch.nn.Module, torch.nn.Module, str]:

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from distgan.config import WANDB_MODES, Config, ConfigError, first_line, to_dict
 from distgan.files import atomic_write
+from distgan.grid import make_grid, save_png
 from distgan.models import generate
 from distgan.report import write_report
 
@@ -293,8 +293,8 @@ class Tracker:
         if not self.is_main:
             return None
         path = self.run_dir / name / f"step_{step:08d}.png"
-        grid = make_grid(images.detach().float().cpu(), nrow=8, normalize=True, value_range=(-1, 1))
-        atomic_write(path, lambda f: save_image(grid, f, format="png"))
+        grid = make_grid(images, nrow=8, value_range=(-1, 1))
+        atomic_write(path, lambda f: save_png(grid, f))
         self._each_sink("image", step, name, grid, path)
         return path
 

@@ -82,24 +82,25 @@ def train(cfg: Config) -> None:
     wandb_mode(cfg)  # a bad WANDB_MODE fails here, on every rank
     runtime = Runtime(cfg, batch_size=cfg.train.batch_size)
     tag_console(runtime.rank, runtime.world)
+    # Everything is checked before anything is written: the models and the data stream (a missing or changed
+    # shard stops the run here), and Inception for FID, found and hash-checked (a rank that fails stops them all).
+    state = TrainState(cfg, runtime)
+    metrics = eval_metrics(cfg) if cfg.eval.every else []
+    evaluator = runtime.guard(Evaluator, cfg, metrics, runtime) if metrics else None
     # Rank 0 locks run.dir for the run (one writer) and checks it can be written; no rank writes before this.
     with runtime.guard(RunDir(run_dir, runtime.is_main).claim) as claimed:
-        run(cfg, runtime, claimed)
+        run(cfg, runtime, claimed, state, evaluator)
 
 
-def run(cfg: Config, runtime: Runtime, run_dir: RunDir) -> None:
-    """The run on a claimed run.dir: resume, build, loop."""
+def run(cfg: Config, runtime: Runtime, run_dir: RunDir, state: TrainState, evaluator: Evaluator | None) -> None:
+    """The run on a claimed run.dir: resume, check the disk, loop."""
     resume = find_resume(cfg, runtime.is_main)
-    state = TrainState(cfg, runtime)
     if resume is not None:
         state.load_state_dict(resume.state, own_run=resume.own_run)
     space = runtime.guard(run_dir.check_space, state.checkpoint_bytes(), cfg.checkpoint.keep)
     if space:  # a checkpoint fits, but not checkpoint.keep + 1 of them
         print(f"distgan: warning: {space}", file=sys.stderr)
     write_config(run_dir.path, to_yaml(cfg), runtime.is_main)
-    metrics = eval_metrics(cfg) if cfg.eval.every else []
-    # Inception for FID is found, hash-checked and loaded here; a rank that fails stops them all.
-    evaluator = runtime.guard(Evaluator, cfg, metrics, runtime) if metrics else None
     tracker = runtime.guard(Tracker, cfg, runtime.is_main, state.step, state.wandb_id, state.elapsed_s)
     state.wandb_id = tracker.run_id
     tracker.print(describe_run(runtime, state, resume))
@@ -176,6 +177,15 @@ def main(config: str | None = None, print_config: bool = False, **overrides) -> 
         raise dist.explain_peer_lost(e, str(saved[-1]) if saved else None) from e
 
 
+def report_stop() -> None:
+    """Tell a launcher that the run stopped by a signal (exit 75), which torchrun would report as a failure (1):
+    the node's first process writes 75 into $DISTGAN_EXIT_FILE when the launcher made that file."""
+    path = os.environ.get("DISTGAN_EXIT_FILE")
+    if path and os.environ.get("LOCAL_RANK", "0") == "0" and os.path.isfile(path):
+        with open(path, "w") as f:
+            f.write(f"{Stopped.EXIT_CODE}\n")
+
+
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
 
 
@@ -197,6 +207,9 @@ def cli(argv: list[str] | None = None) -> None:
         return
     try:
         run_command(main, "distgan.train", argv)
+    except Stopped:
+        report_stop()
+        raise
     except dist.PeerLost as e:  # one line per rank, not each rank's traceback of the collective it waited in
         print(f"[rank {os.environ.get('RANK', '?')}] distgan: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -38,4 +38,22 @@ if [[ ${NNODES:-1} -gt 1 ]]; then
     nodes+=(--local_addr "$address")
   fi
 fi
-exec torchrun "${nodes[@]}" --nproc_per_node "$NPROC" -m distgan.train "$@"
+# torchrun reports any failed worker as exit 1, so a run stopped by a signal (its workers exit 75 after writing a
+# checkpoint) would look like a crash to a wrapper that re-runs on 75: the node's first worker writes 75 into
+# DISTGAN_EXIT_FILE, and this script exits with it. SIGTERM and SIGINT to this script go on to torchrun.
+DISTGAN_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/distgan-exit.XXXXXX")
+export DISTGAN_EXIT_FILE
+trap 'rm -f "$DISTGAN_EXIT_FILE"' EXIT
+trap 'kill -TERM "$torchrun_pid" 2>/dev/null || true' TERM INT
+torchrun "${nodes[@]}" --nproc_per_node "$NPROC" -m distgan.train "$@" &
+torchrun_pid=$!
+status=0
+while true; do
+  wait "$torchrun_pid" || status=$?
+  kill -0 "$torchrun_pid" 2>/dev/null || break # a trapped signal interrupted the wait: torchrun still runs
+  status=0
+done
+if [[ $status -ne 0 && $(cat "$DISTGAN_EXIT_FILE") == 75 ]]; then
+  status=75
+fi
+exit "$status"

@@ -8,6 +8,7 @@ from torch import nn
 
 from distgan import fid
 from distgan.config import ConfigError
+from distgan.files import sha256_of
 
 
 def rotation(dim: int, seed: int) -> torch.Tensor:
@@ -113,7 +114,7 @@ def test_inception_weights_path_prefers_the_config_then_the_environment(tmp_path
 def test_load_inception_refuses_a_file_with_another_hash(tmp_path):
     junk = tmp_path / fid.INCEPTION_FILE
     junk.write_bytes(b"not the inception weights")
-    actual = fid.file_sha256(junk)
+    actual = sha256_of(junk)
     with pytest.raises(ConfigError) as error:
         fid.load_inception(junk)
     assert actual in str(error.value) and fid.INCEPTION_SHA256 in str(error.value) and str(junk) in str(error.value)
@@ -154,7 +155,7 @@ def test_load_inception_builds_the_network_from_a_local_file_only(tmp_path, no_n
     weights = tmp_path / "random_inception.pth"
     torch.save(architecture.state_dict(), weights)
 
-    model = fid.load_inception(weights, sha256=fid.file_sha256(weights))
+    model = fid.load_inception(weights, sha256=sha256_of(weights))
     assert model.num_features == 2048 and not model.training
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     features = fid.extract_features(model, [images])

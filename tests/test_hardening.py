@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,3 +182,85 @@ def test_a_disk_that_fills_up_mid_run_stops_it_with_one_line_naming_the_file(tmp
         assert last.startswith("distgan: error: ") and "No space left on device" in last and str(run_dir) in last
         kept = checkpoint.list_checkpoints(run_dir)
         assert kept and checkpoint.load(kept[-1])["step"] % 10 == 0  # the checkpoints before are whole
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    """A prepared data set of 32x32 RGB images in 4 shards, with its manifest."""
+    from conftest import write_index_pngs
+
+    from distgan.data.prepare import prepare
+
+    prepare(str(write_index_pngs(tmp_path / "src", 32)), str(tmp_path / "shards"), size=32, shard_size=8,
+            workers=1, progress=False)  # fmt: skip
+    return tmp_path / "shards"
+
+
+def shard_config(run_dir: Path, shards: Path, **overrides):
+    keys = {"data.source": "shards", "data.path": str(shards), "model.channels": 3, "data.workers": 0}
+    return tiny_config(run_dir, **{**keys, **overrides})
+
+
+def test_a_shard_missing_resized_or_edited_after_prepare_is_refused_before_anything_is_written(tmp_path, shards):
+    first = sorted(shards.glob("*.tar"))[0]
+    original = first.read_bytes()
+    edited = bytearray(original)
+    edited[len(edited) // 2] ^= 0xFF  # one byte of one image: the same size
+    cases = {
+        "is missing; restore it": b"",
+        f"has {len(original) + 1} bytes, the manifest says {len(original)}: it changed after prepare": original + b"\0",
+        "does not match the manifest's sha256: it changed after prepare": bytes(edited),
+    }
+    for message, content in cases.items():
+        if content:
+            first.write_bytes(content)
+        else:
+            first.unlink()
+        with pytest.raises(ConfigError, match=f"shard {first} {re.escape(message)}"):
+            train(shard_config(tmp_path / "run", shards))
+        assert not (tmp_path / "run").exists()  # nothing written: no run directory at all
+    train(shard_config(tmp_path / "run", shards, **{"data.verify": "size", "train.steps": 2}))  # sizes only: it runs
+    assert checkpoint.list_checkpoints(tmp_path / "run")
+
+
+def test_shards_of_another_image_size_are_refused_before_anything_is_written(tmp_path, shards):
+    with pytest.raises(ConfigError, match="holds 32x32 images but model.image_size is 64"):
+        train(shard_config(tmp_path / "run", shards, **{"model.image_size": 64}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_fid_reference_is_keyed_by_the_shards_content(tmp_path, shards):
+    from distgan.eval import reference_set
+
+    cfg = shard_config(tmp_path / "run", shards, **{"data.verify": "off"})
+    before, _, _ = reference_set(cfg)
+    first = sorted(shards.glob("*.tar"))[0]
+    edited = bytearray(first.read_bytes())
+    edited[len(edited) // 2] ^= 0xFF
+    first.write_bytes(bytes(edited))  # same size and manifest: only the content tells
+    after, _, _ = reference_set(cfg)
+    assert before != after
+
+
+def test_launch_torchrun_passes_a_signal_stops_exit_code_75_through(tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NPROC": "2"}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"  # the venv's torchrun
+    args = [*TINY, "--run.device=cpu", f"--run.dir={run_dir}", "--train.steps=100000", "--checkpoint.every=20"]
+    launcher = subprocess.Popen(
+        [str(ROOT / "launch" / "torchrun.sh"), *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.list_checkpoints(run_dir):
+            assert launcher.poll() is None and time.monotonic() < deadline, launcher.stderr.read()[-3000:]
+            time.sleep(0.2)
+        launcher.send_signal(signal.SIGTERM)  # what a wrapper, or `kill` of the job's launcher, sends
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 75, err[-3000:]  # torchrun alone would exit 1
+    step = checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])["step"]
+    assert f"stopped by a signal at step {step};" in out

@@ -105,7 +105,7 @@ def test_damaged_jpeg_and_truncated_tar_are_skipped_and_counted(tmp_path, capfd)
     prepare(str(tmp_path / "src"), str(tmp_path / "shards"), size=8, shard_size=10, progress=False)
     damage(sorted((tmp_path / "shards").glob("train-*.tar")))
     # One worker, one batch per epoch of all 31 readable samples: every sample is read once per epoch.
-    stream = ShardBatches(resolve(str(tmp_path / "shards")), 31, 0, 0, 1, 8, 3, workers=1, buffer=64)
+    stream = ShardBatches(resolve(str(tmp_path / "shards"), verify="off"), 31, 0, 0, 1, 8, 3, workers=1, buffer=64)
     epochs = [{image.numpy().tobytes() for image in batch} for batch in take(stream, 2)]  # JPEG: compare pixels
     assert len(epochs[0]) == 31 and epochs[0] == epochs[1]  # the same 31 readable samples, each once
     assert stream.skipped == 2 * (1 + 8)  # per epoch: the damaged JPEG and the 8 samples after the cut
@@ -118,7 +118,7 @@ def test_damaged_shards_keep_batches_full_with_several_workers(tmp_path):
     write_index_pngs(tmp_path / "src", 40)
     prepare(str(tmp_path / "src"), str(tmp_path / "shards"), size=8, shard_size=10, progress=False)
     damage(sorted((tmp_path / "shards").glob("train-*.tar")))
-    stream = ShardBatches(resolve(str(tmp_path / "shards")), 8, 0, 0, 1, 8, 3, workers=2, buffer=8)
+    stream = ShardBatches(resolve(str(tmp_path / "shards"), verify="off"), 8, 0, 0, 1, 8, 3, workers=2, buffer=8)
     assert all(b.shape == (8, 3, 8, 8) for b in take(stream, 12))  # a short slot re-reads its shards
     assert stream.skipped >= 3 * (1 + 8)
 

@@ -392,3 +392,20 @@ def test_metrics_rows_stay_strict_json_when_a_value_is_not_finite(tmp_path):
     row = json.loads(line, parse_constant=refuse)  # the bare words NaN and Infinity would be refused here
     assert (row["loss/D"], row["loss/G"], row["grad_norm/G"], row["D/real"]) == ("NaN", "Infinity", "-Infinity", 0.5)
     assert math.isnan(float(row["loss/D"])) and float(row["loss/G"]) == math.inf
+
+
+def test_sample_grids_are_torchvisions_make_grid_and_save_image_to_the_byte():
+    import io
+
+    from torchvision.utils import make_grid, save_image
+
+    from distgan.grid import make_grid as grid
+    from distgan.grid import save_png
+
+    torch.manual_seed(0)
+    for shape, per_row in (((64, 1, 32, 32), 8), ((10, 3, 16, 16), 8), ((5, 3, 8, 8), 3), ((1, 1, 4, 4), 8)):
+        images = torch.randn(shape) * 1.3  # beyond [-1, 1] too: clamped
+        theirs, ours = io.BytesIO(), io.BytesIO()
+        save_image(make_grid(images, nrow=per_row, normalize=True, value_range=(-1, 1)), theirs, format="png")
+        save_png(grid(images, nrow=per_row), ours)
+        assert ours.getvalue() == theirs.getvalue(), shape

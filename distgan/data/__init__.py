@@ -30,7 +30,7 @@ def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bo
     workers = d.workers if workers is None else workers
     if d.source == "shards":
         return ShardBatches(
-            resolve(d.path), cfg.train.batch_size, cfg.run.seed, rank, world_size, size, channels,
+            resolve(d.path, d.verify), cfg.train.batch_size, cfg.run.seed, rank, world_size, size, channels,
             workers=workers, buffer=d.shuffle_buffer, pin_memory=pin_memory,
         )  # fmt: skip
     if d.source == "folder":

@@ -19,6 +19,7 @@ runs short re-reads its own shards, so the batch counts stay equal.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import json
@@ -35,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from distgan import rng
 from distgan.config import ConfigError
 from distgan.data.indexed import rank_slice
+from distgan.files import atomic_write, sha256_of
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 MAX_WARNINGS_PER_WORKER = 20
@@ -48,6 +50,8 @@ class DataError(ConfigError):
 class Shard:
     url: str  # a local path, or anything webdataset.gopen opens ("pipe:...", "http://...")
     samples: int
+    bytes: int | None = None  # from the manifest: what prepare wrote
+    sha256: str | None = None
 
 
 @dataclass
@@ -171,21 +175,27 @@ def _load_manifest(path: Path) -> ShardSet:
         if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
             raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}")
         image_size, channels = int(manifest["image_size"]), int(manifest["channels"])
-        entries = [(str(e["file"]), int(e["samples"])) for e in manifest["splits"]["train"]]
+        entries = [
+            (str(e["file"]), int(e["samples"]), e.get("bytes"), e.get("sha256")) for e in manifest["splits"]["train"]
+        ]
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DataError(
             f"data.path {path}: not a manifest of distgan.data.prepare {FORMAT_NAME} v{FORMAT_VERSION} "
             f"({type(e).__name__}: {e})"
         ) from None
     shards = []
-    for file, samples in entries:
+    for file, samples, size, sha256 in entries:
         url = file if _is_url(file) or Path(file).is_absolute() else str(path.parent / file)
-        shards.append(Shard(url, samples))
+        shards.append(Shard(url, samples, size, sha256))
     return ShardSet(shards, image_size, str(path), channels)
 
 
-def resolve(path: str) -> ShardSet:
-    """The shards named by data.path: a manifest, a folder, a brace/glob pattern of tars, or pipe:/URL shards."""
+def resolve(path: str, verify: str = "size") -> ShardSet:
+    """The shards named by data.path: a manifest, a folder, a brace/glob pattern of tars, or pipe:/URL shards.
+
+    A manifest's shards are checked against it (see `verify`): a missing, resized or (verify "hash") edited
+    shard is a DataError now, not a warning per epoch once training reads it.
+    """
     if not path:
         raise DataError("data.source 'shards' needs data.path (a manifest.json, a folder of shards or a pattern)")
     if not _is_url(path) and path.endswith(".json"):
@@ -205,6 +215,8 @@ def resolve(path: str) -> ShardSet:
 
         urls = []
         for url in expand_urls(path):
+            if not _is_url(url) and not glob.has_magic(url) and not Path(url).is_file():
+                raise DataError(f"data.path {path}: shard {url} does not exist")
             urls.extend([url] if _is_url(url) else sorted(glob.glob(url)))
         if not urls:
             raise DataError(f"data.path {path} matches no files")
@@ -212,7 +224,54 @@ def resolve(path: str) -> ShardSet:
     shard_set.shards = [s for s in shard_set.shards if s.samples > 0]
     if not shard_set.shards:
         raise DataError(f"data.path {path}: no samples in its shards")
+    check_shards(shard_set, verify)
     return shard_set
+
+
+VERIFY = ("hash", "size", "off")
+
+
+def check_shards(shard_set: ShardSet, verify: str) -> None:
+    """DataError naming the first local shard that is missing, or whose size (any verify but "off") or sha256
+    (verify "hash") differs from what its manifest recorded. Shards without a manifest entry are not checked."""
+    if verify not in VERIFY:
+        raise ValueError(f"verify must be one of {VERIFY}, not {verify!r}")
+    for shard in shard_set.shards:
+        if verify == "off" or shard.bytes is None or _is_url(shard.url):
+            continue
+        path, again = Path(shard.url), "restore it, or prepare the data again"
+        if not path.is_file():
+            raise DataError(f"{shard_set.origin}: shard {path} is missing; {again}")
+        size = path.stat().st_size
+        if size != shard.bytes:
+            raise DataError(
+                f"{shard_set.origin}: shard {path} has {size} bytes, the manifest says {shard.bytes}: it changed "
+                f"after prepare; {again}"
+            )
+        if verify == "hash" and shard.sha256 and shard_sha256(path) != shard.sha256:
+            raise DataError(f"{shard_set.origin}: shard {path} does not match the manifest's sha256: it changed "
+                            f"after prepare; {again}")  # fmt: skip
+
+
+def shard_sha256(path: Path) -> str:
+    """sha256 of a local shard, computed once per (path, size, mtime) and cached (cache_dir "shard-sha256")."""
+    from distgan.cache import cache_dir, content_key
+
+    stat = path.stat()
+    cached = cache_dir("shard-sha256") / content_key(str(path.resolve()), str(stat.st_size), str(stat.st_mtime_ns))
+    with contextlib.suppress(OSError):
+        known = cached.read_text().strip()
+        if len(known) == 64:
+            return known
+    digest = sha256_of(path)
+    with contextlib.suppress(OSError):  # a cache is an optimisation: a read-only home must not stop a run
+        atomic_write(cached, digest + "\n")
+    return digest
+
+
+def shard_identity(shard: Shard) -> str:
+    """What names a shard's content: the sha256 of a local file (cached), the URL of a remote one."""
+    return shard.url if _is_url(shard.url) else shard_sha256(Path(shard.url))
 
 
 def epoch_slots(num_shards: int, seed: int, epoch: int, world_size: int, workers: int) -> list[list[list[int]]]:
