@@ -395,25 +395,49 @@ def flag(value: Any, name: str) -> bool:
     raise ConfigError(f"--{name} takes true or false; got {value!r}")
 
 
+def checked_call(fn):
+    """fn behind a wrapper that takes any arguments, refuses unknown flags and missing or surplus arguments
+    (ConfigError), then calls fn, returning nothing (fire would print a returned value).
+
+    fire calls a function with the flags it knows and complains about the others only after it returned, i.e.
+    after the command did its work and wrote its files; a wrapper taking **kwargs makes fire pass every flag in.
+    """
+    import inspect
+
+    signature = inspect.signature(fn)
+    params = signature.parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+    def call(*args, **kwargs) -> None:
+        for key in [] if takes_any else kwargs:
+            if key not in params:
+                close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.6)
+                hint = f" (did you mean --{close[0]}?)" if close else f" (flags: {', '.join('--' + p for p in params)})"
+                raise ConfigError(f"unknown flag --{key}{hint}")
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as e:  # "missing a required argument: 'x'", "too many positional arguments"
+            missing = str(e).split("argument: ")[-1].strip("'") if "missing" in str(e) else None
+            raise ConfigError(f"--{missing} is required" if missing else f"unexpected argument {args[-1]!r}") from None
+        fn(*bound.args, **bound.kwargs)
+
+    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
+    return call
+
+
 def run_command(fn, name: str, argv: list[str], usage: str | None = None) -> None:
-    """Run fn as a fire command line; a ConfigError (bad config or input) exits with code 2 and one line.
+    """Run fn as a fire command line, every flag checked before it runs; a ConfigError (bad config or input)
+    exits with code 2 and one line.
 
     With -h or --help, prints `usage` (when given) instead of fire's generated help.
     """
-    import functools
-
     import fire
 
     if usage and any(a in ("-h", "--help") for a in argv):
         print(usage.strip())
         return
-
-    @functools.wraps(fn)
-    def quiet(*args, **kwargs):  # fire would print a returned value
-        fn(*args, **kwargs)
-
     try:
-        fire.Fire(quiet, command=argv, name=name)
+        fire.Fire(checked_call(fn), command=argv, name=name)
     except ConfigError as e:
         several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # every rank reports it: say which one
         tag = f"[rank {os.environ.get('RANK', '?')}] " if several else ""

@@ -12,8 +12,6 @@ scatter plot of the N points over the mixture's modes.
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import math
 import re
 import sys
@@ -152,27 +150,8 @@ def _file_name(value: Any, name: str) -> str:
     return str(value)
 
 
-def _checked_main(*args: Any, **kwargs: Any) -> None:
-    """main, after refusing unknown flags and missing or surplus arguments.
-
-    fire calls a function with the flags it knows and complains about the others only after it returned, i.e.
-    after the samples were written; taking **kwargs makes fire pass every flag here instead.
-    """
-    params = inspect.signature(main).parameters
-    for key in kwargs:
-        if key not in params:
-            close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.6)
-            hint = f" (did you mean --{close[0]}?)" if close else f" (flags: {', '.join('--' + p for p in params)})"
-            raise ConfigError(f"unknown flag --{key}{hint}")
-    try:
-        bound = inspect.signature(main).bind(*args, **kwargs)
-    except TypeError:  # with no positional argument, only --checkpoint can be missing
-        raise ConfigError(f"unexpected argument {args[-1]!r}" if args else "--checkpoint is required") from None
-    main(*bound.args, **bound.kwargs)
-
-
 def cli(argv: list[str] | None = None) -> None:
-    run_command(_checked_main, "distgan.sample", sys.argv[1:] if argv is None else argv, usage=__doc__)
+    run_command(main, "distgan.sample", sys.argv[1:] if argv is None else argv, usage=__doc__)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,28 @@ def test_sample_accepts_fires_flag_forms_and_needs_a_checkpoint(tmp_path, traine
         sample.cli(["--num", "3", "--out", "t.npz"])
     assert stopped.value.code == 2 and capsys.readouterr().err == "distgan: error: --checkpoint is required\n"
     assert [p.name for p in tmp_path.iterdir()] == ["s.npz"]
+
+
+def test_every_command_refuses_an_unknown_flag_before_it_writes_anything(tmp_path, capsys):
+    from conftest import write_index_pngs
+
+    from distgan import checkpoint, report
+    from distgan import eval as evaluate
+    from distgan.data import prepare
+
+    run_dir = tmp_path / "run"
+    train(tiny_config(run_dir, **{"train.steps": 2}))
+    newest = str(checkpoint.list_checkpoints(run_dir)[-1])
+    images = write_index_pngs(tmp_path / "images", 4)
+    commands = {  # each would write: the report folder, the scores file, the shards
+        report.cli: ([str(run_dir), "--bogus=1"], "unknown flag --bogus", run_dir / "report"),
+        evaluate.cli: (["--checkpoint", newest, "--metrics=fgsm", "--out", str(tmp_path / "e.json"), "--nmu=3"],
+                       "unknown flag --nmu", tmp_path / "e.json"),
+        prepare.cli: ([str(images), str(tmp_path / "shards"), "--sizee=8"],
+                      "unknown flag --sizee (did you mean --size?)", tmp_path / "shards"),
+    }  # fmt: skip
+    for cli, (argv, message, output) in commands.items():
+        with pytest.raises(SystemExit) as stopped:
+            cli(argv)
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
+        assert not output.exists(), output
