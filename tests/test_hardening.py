@@ -264,3 +264,20 @@ def test_launch_torchrun_passes_a_signal_stops_exit_code_75_through(tmp_path):
     assert launcher.returncode == 75, err[-3000:]  # torchrun alone would exit 1
     step = checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])["step"]
     assert f"stopped by a signal at step {step};" in out
+
+
+def test_a_missing_empty_or_junk_data_path_is_refused_before_anything_is_written(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "junk.txt").write_text("not images, not shards")
+    cases = {
+        ("shards", tmp_path / "nothing"): "nothing does not exist",
+        ("shards", tmp_path / "empty"): "the folder holds no manifest.json and no .tar shards",
+        ("shards", tmp_path / "junk.txt"): "no samples in its shards",
+        ("folder", tmp_path / "nothing"): "is not a folder",
+        ("folder", tmp_path / "empty"): "holds no image files",
+        ("folder", tmp_path / "junk.txt"): "is not a folder",
+    }
+    for (source, path), message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            train(tiny_config(tmp_path / "run", **{"data.source": source, "data.path": str(path), "model.channels": 3}))
+        assert not (tmp_path / "run").exists(), (source, path)  # no run directory, no config.yaml

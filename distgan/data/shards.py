@@ -198,6 +198,8 @@ def resolve(path: str, verify: str = "size") -> ShardSet:
     """
     if not path:
         raise DataError("data.source 'shards' needs data.path (a manifest.json, a folder of shards or a pattern)")
+    if not _is_url(path) and not glob.has_magic(path) and "{" not in path and not Path(path).exists():
+        raise DataError(f"data.path {path} does not exist")
     if not _is_url(path) and path.endswith(".json"):
         if not Path(path).is_file():
             raise DataError(f"data.path {path}: manifest not found")

@@ -1,0 +1,265 @@
+"""The fault probe of docs/faults.md: every case run for real, its exit code, its last stderr line and what it left.
+
+    python tests/fault_probe.py [--only SUBSTRING]      (as root: the disk cases mount small tmpfs; about 5 min)
+
+Prints a Markdown table. Not part of the test suite (tests/test_hardening.py asserts the same cases); this is the
+wider sweep a reader can rerun.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from distgan import checkpoint  # noqa: E402
+from distgan.config import iter_fields  # noqa: E402
+
+TINY = ["--model.ngf=8", "--model.ndf=8", "--model.nz=16", "--train.batch_size=16", "--log.progress=false"]
+TINY += ["--log.report=false", "--eval.every=0", "--log.every=2", "--log.wandb=disabled"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+ENV["PATH"] = f"{Path(sys.executable).parent}:{ENV['PATH']}"
+ROWS: list[tuple[str, str, str, str]] = []
+
+
+def files(folder: Path) -> str:
+    if not folder.exists():
+        return "nothing"
+    names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return shown or "an empty folder"
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:160].replace("|", "/") if lines else ""
+
+
+def record(case: str, rc: int | None, err: str, left: str) -> None:
+    ROWS.append((case, str(rc), last_line(err), left))
+    print(f"{case}: {rc}", file=sys.stderr)
+
+
+def python(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=ENV, capture_output=True, text=True)
+
+
+def train(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    return python("distgan.train", *TINY, f"--run.dir={run_dir}", *args, cwd=run_dir.parent)
+
+
+def background(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def wait_until(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the run ended or stalled: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def tmpfs(target: Path, options: str):
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)
+
+
+def two_writers(work: Path) -> None:
+    for label, extra in (("the same config", []), ("another config", ["--optim.lr_g=1e-3", "--train.batch_size=32"])):
+        run_dir = work / label.replace(" ", "_")
+        first = background([sys.executable, "-m", "distgan.train", *TINY, f"--run.dir={run_dir}",
+                            "--train.steps=100000"], work)  # fmt: skip
+        metrics = run_dir / "metrics.jsonl"
+        wait_until(lambda m=metrics: m.exists() and m.stat().st_size, first)
+        second = train(run_dir, "--train.steps=5", *extra)
+        record(
+            f"a second run on a live run.dir, {label}", second.returncode, second.stderr, "the first run's files only"
+        )
+        first.send_signal(signal.SIGTERM)
+        out, _ = first.communicate(timeout=120)
+        record("... the first run then stopped by SIGTERM", first.returncode, out, files(run_dir))
+
+
+def unreadable(work: Path) -> None:
+    run_dir = work / "run"
+    train(run_dir, "--train.steps=6", "--checkpoint.every=2")
+    for path in checkpoint.list_checkpoints(run_dir):
+        path.write_bytes(os.urandom(4096))
+    result = train(run_dir, "--train.steps=8")
+    record("every checkpoint random bytes", result.returncode, result.stderr, files(run_dir))
+    result = train(run_dir, "--train.steps=8")
+    record("... the same command again", result.returncode, result.stderr, files(run_dir / "checkpoints"))
+    result = train(run_dir, "--train.steps=8", "--checkpoint.start_over=true")
+    record("... with --checkpoint.start_over=true", result.returncode, result.stderr, files(run_dir / "set_aside"))
+    run_dir = work / "alien"
+    train(run_dir, "--train.steps=4", "--checkpoint.every=2")
+    torch.save({"a": 1}, checkpoint.path_for(run_dir, 99))
+    result = train(run_dir, "--train.steps=6")
+    record("newest file torch.save({'a': 1}) as step_00000099.pt", result.returncode, result.stderr,
+           files(run_dir / "checkpoints"))  # fmt: skip
+    run_dir = work / "pickled"
+    train(run_dir, "--train.steps=4", "--checkpoint.every=2")
+    torch.save({"config": {}, "G": torch.nn.Linear(2, 2)}, checkpoint.path_for(run_dir, 99))
+    result = train(run_dir, "--train.steps=6")
+    record("newest file a pickled nn.Module", result.returncode, result.stderr, files(run_dir / "checkpoints"))
+
+
+def floats(work: Path) -> None:
+    bad = {"optim.lr_g": "0", "optim.lr_d": "-1e-4", "optim.beta1": "1.5", "optim.beta2": "1.0",
+           "model.mlp_dropout": "1.0", "train.ema_halflife_images": "-1", "train.ema_rampup": "-0.1",
+           "dist.timeout_s": "0.5"}  # fmt: skip
+    for key, f in iter_fields():
+        if f.type != "float":
+            continue
+        for value in ("nan", "inf", "-inf", bad[key]):
+            result = train(work / "run", f"--{key}={value}")
+            record(f"--{key}={value}", result.returncode, result.stderr, files(work / "run"))
+
+
+def disks(work: Path) -> None:
+    with tmpfs(work / "ro", "size=1m,ro") as ro:
+        result = train(ro / "run")
+        record("run.dir on a read-only file system", result.returncode, result.stderr, "nothing")
+    run_dir = work / "ro_checkpoints"
+    with tmpfs(run_dir / "checkpoints", "size=1m,ro"):
+        result = train(run_dir)
+        record("run.dir/checkpoints read-only", result.returncode, result.stderr, files(run_dir))
+    with tmpfs(work / "small", "size=96k") as small:
+        result = train(small / "run")
+        record("a disk without room for one checkpoint", result.returncode, result.stderr, files(small))
+    with tmpfs(work / "full", "size=16m") as disk:
+        run_dir = disk / "run"
+        proc = background([sys.executable, "-m", "distgan.train", *TINY, f"--run.dir={run_dir}",
+                           "--train.steps=100000", "--checkpoint.every=10", "--checkpoint.keep=1"], work)  # fmt: skip
+        wait_until(lambda: checkpoint.list_checkpoints(run_dir), proc)
+        with contextlib.suppress(OSError), open(disk / "filler", "wb") as filler:
+            while True:
+                filler.write(b"\0" * (1 << 16))
+                filler.flush()
+        _, err = proc.communicate(timeout=120)
+        record("the disk fills up mid-run", proc.returncode, err, files(run_dir / "checkpoints"))
+
+
+def signals(work: Path) -> None:
+    args = [*TINY, "--run.device=cpu", "--train.steps=100000", "--checkpoint.every=20"]
+    cases = [("SIGTERM to launch/torchrun.sh", signal.SIGTERM, "launcher")]
+    cases += [(f"{signal.Signals(sig).name} to rank {rank}", sig, rank) for sig in (signal.SIGTERM, signal.SIGKILL)
+              for rank in (0, 1)]  # fmt: skip
+    for name, sig, target in cases:
+        run_dir = work / name.replace(" ", "_").replace("/", "_")
+        cmd = [str(ROOT / "launch" / "torchrun.sh"), *args, f"--run.dir={run_dir}"]
+        proc = subprocess.Popen(cmd, cwd=work, env={**ENV, "NPROC": "2"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+        wait_until(lambda d=run_dir: checkpoint.list_checkpoints(d), proc)
+        if target == "launcher":
+            proc.send_signal(sig)
+        else:
+            os.kill(worker(proc.pid, target), sig)
+        _, err = proc.communicate(timeout=180)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        newest = checkpoint.list_checkpoints(run_dir)[-1]
+        record(name, proc.returncode, err, f"checkpoints up to {newest.name}")
+        again = subprocess.run([*cmd[:-1], f"--run.dir={run_dir}", "--train.steps=" + str(int(newest.stem[5:]) + 4)],
+                               cwd=work, env={**ENV, "NPROC": "2"}, capture_output=True, text=True)  # fmt: skip
+        record(
+            "... the same command again", again.returncode, again.stdout, "resumed" * ("resumed from" in again.stdout)
+        )
+
+
+def worker(root: int, rank: int) -> int:
+    """The pid of the torchrun worker of the given rank among the descendants of `root`."""
+    todo, seen = [root], []
+    while todo:
+        pid = todo.pop()
+        seen.append(pid)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    for pid in seen:
+        with contextlib.suppress(OSError):
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in env and b"TORCHELASTIC_RUN_ID" in b" ".join(env):
+                return pid
+    raise RuntimeError(f"no worker of rank {rank} under {root}")
+
+
+def data(work: Path) -> None:
+    from distgan.bench import write_photos
+
+    write_photos(work / "images", 32)
+    python("distgan.data.prepare", str(work / "images"), str(work / "shards"), "--size=32", "--shard_size=8",
+           cwd=work)  # fmt: skip
+    shard = sorted((work / "shards").glob("*.tar"))[0]
+    original = shard.read_bytes()
+    data_args = ["--data.source=shards", f"--data.path={work / 'shards'}", "--model.channels=3", "--data.workers=0"]
+    edited = bytearray(original)
+    edited[len(edited) // 2] ^= 0xFF
+    for label, content in (("a shard deleted", None), ("a shard one byte longer", original + b"\0"),
+                           ("a shard edited, same size", bytes(edited))):  # fmt: skip
+        shard.unlink() if content is None else shard.write_bytes(content)
+        result = train(work / "run", *data_args)
+        record(label, result.returncode, result.stderr, files(work / "run"))
+    shard.write_bytes(original)
+    result = train(work / "run", *data_args, "--model.image_size=64")
+    record("shards of 32x32 images, model.image_size 64", result.returncode, result.stderr, files(work / "run"))
+    (work / "empty").mkdir()
+    (work / "junk.txt").write_text("junk")
+    for label, path in (("missing", "/nonexistent"), ("an empty folder", "empty"), ("a text file", "junk.txt")):
+        for source in ("shards", "folder"):
+            result = train(work / "run", f"--data.source={source}", f"--data.path={path}", "--model.channels=3")
+            record(f"data.source {source}, data.path {label}", result.returncode, result.stderr, files(work / "run"))
+
+
+def clis(work: Path) -> None:
+    run_dir = work / "run"
+    train(run_dir, "--train.steps=2")
+    newest = str(checkpoint.list_checkpoints(run_dir)[-1])
+    cases = [
+        ("distgan.sample", newest, "--out", str(work / "s.png"), "--bogus", "1"),
+        ("distgan.sample", newest, "--out", str(work / "s.png"), "--num", "abc"),
+        ("distgan.sample", newest, "--out", str(work / "missing" / "s.png")),
+        ("distgan.eval", "--checkpoint", newest, "--metrics=fgsm", "--nmu=3"),
+        ("distgan.report", str(run_dir), "--bogus=1"),
+        ("distgan.data.prepare", str(work / "nothing"), str(work / "out"), "--size=8"),
+        ("distgan.data.prepare", str(run_dir), str(work / "out"), "--sizee=8"),
+        ("distgan.bench", "train", "--stepz=3"),
+    ]
+    for module, *args in cases:
+        before = files(work)
+        result = python(module, *args, cwd=work)
+        left = "nothing new" if files(work) == before else "new files: see the command"
+        record(f"{module} {' '.join(a.replace(str(work), '…') for a in args)}", result.returncode, result.stderr, left)
+
+
+PROBES = [two_writers, unreadable, floats, disks, signals, data, clis]
+
+if __name__ == "__main__":
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""
+    for probe in PROBES:
+        if only in probe.__name__:
+            with tempfile.TemporaryDirectory(prefix=f"probe-{probe.__name__}-") as work:
+                try:
+                    probe(Path(work))
+                except Exception as e:  # a probe that could not run is a row too
+                    record(f"{probe.__name__}: the probe itself failed", None, str(e), "")
+    print("| case | exit | last line on stderr (stdout for a resume) | left on disk |\n|---|---|---|---|")
+    for row in ROWS:
+        print("| " + " | ".join(row) + " |")
