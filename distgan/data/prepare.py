@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import hashlib
 import io
 import json
 import multiprocessing
@@ -35,6 +34,7 @@ from PIL import Image, UnidentifiedImageError
 from distgan import rng
 from distgan.config import ConfigError, first_line, run_command
 from distgan.data.images import square_resize
+from distgan.files import sha256_of
 
 MANIFEST = "manifest.json"
 FORMAT_NAME, FORMAT_VERSION = "distgan-shards", 1
@@ -126,14 +126,6 @@ def _process(member: str) -> tuple[bytes | None, str | None]:
         return None, f"{type(e).__name__}: {first_line(e)}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class WriteError(RuntimeError):
     """The shards could not be written (disk full, no permission); nothing was published (exit code 1)."""
 
@@ -188,8 +180,9 @@ class _SplitWriter:
     def close(self) -> list[dict]:
         if self.writer is not None:
             self.writer.close()
+        shards = {name: self.out / name for name in self.counts}
         return [
-            {"file": name, "samples": n, "bytes": (self.out / name).stat().st_size, "sha256": _sha256(self.out / name)}
+            {"file": name, "samples": n, "bytes": shards[name].stat().st_size, "sha256": sha256_of(shards[name])}
             for name, n in self.counts.items()
         ]
 
