@@ -1,6 +1,6 @@
 """The fault probe of docs/faults.md: every case run for real, its exit code, its last stderr line and what it left.
 
-    python tests/fault_probe.py [--only SUBSTRING]      (as root: the disk cases mount small tmpfs; about 5 min)
+    python tests/fault_probe.py [--only SUBSTRING]      (as root: the disk cases mount small tmpfs; about 15 min)
 
 Prints a Markdown table. Not part of the test suite (tests/test_hardening.py asserts the same cases); this is the
 wider sweep a reader can rerun.
