@@ -1,4 +1,4 @@
-"""Train a GAN: config -> runtime -> state -> resume -> loop. Read top to bottom, it is the whole recipe.
+"""Train a GAN: config -> runtime -> state -> claim run.dir -> resume -> loop. Read top to bottom, it is the recipe.
 
 python -m distgan.train [--config FILE] [--section.key=value ...]     (--help lists every key)
 """
