@@ -80,11 +80,11 @@ def to_grid(images: torch.Tensor) -> torch.Tensor:
 
 def native_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """scikit-learn's digits at their native 8x8, in [-1, 1]: float32 (1797, 1, 8, 8), and labels (1797,)."""
-    from sklearn.datasets import load_digits as sk_load_digits
+    from distgan.data.sources import digits_arrays
 
-    data = sk_load_digits()
-    images = torch.from_numpy(data.images).float().div(8.0).sub(1.0)[:, None]  # pixels 0..16
-    return images, torch.from_numpy(data.target).long()
+    pixels, labels = digits_arrays()
+    images = torch.from_numpy(pixels).float().div(8.0).sub(1.0)[:, None]  # pixels 0..16
+    return images, torch.from_numpy(labels).long()
 
 
 def reference_digits() -> torch.Tensor:

@@ -2,7 +2,7 @@ import torch
 
 from distgan.data import build_source, to_model_input
 from distgan.data.indexed import IndexedBatches
-from distgan.data.sources import SyntheticImages, TensorImages, load_digits
+from distgan.data.sources import SyntheticImages, TensorImages, digits_arrays, load_digits
 
 
 def test_digits_are_uint8_32x32_and_scale_to_unit_range():
@@ -11,6 +11,16 @@ def test_digits_are_uint8_32x32_and_scale_to_unit_range():
     assert digits.max() == 255 and digits.min() == 0
     x = to_model_input(digits[:8], torch.device("cpu"))
     assert x.dtype == torch.float32 and x.min() == -1 and x.max() == 1
+
+
+def test_the_digits_read_from_scikit_learns_csv_are_its_load_digits():
+    import numpy as np
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    pixels, labels = digits_arrays()  # without importing scikit-learn
+    reference = sk_load_digits()
+    assert pixels.dtype == reference.images.dtype and np.array_equal(pixels, reference.images)
+    assert np.array_equal(labels, reference.target)
 
 
 def test_synthetic_is_deterministic_per_index_and_seed():
