@@ -29,7 +29,8 @@ NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system witho
 
 class RunDir:
     """run.dir, claimed by the main process for the life of a run: claim(), then release() (or a with block).
-    On the other processes (is_main False) claim() and check_space() do nothing: they never write there."""
+    On the other processes (is_main False) claim(), check_space() and set_aside() do nothing: they never write
+    there."""
 
     def __init__(self, path: str | Path, is_main: bool = True):
         self.path, self.is_main = Path(path), is_main
@@ -121,8 +122,11 @@ class RunDir:
             )
         return None
 
-    def set_aside(self) -> Path:
-        """Move everything run.dir holds (but its lock) into run.dir/set_aside/<UTC time>/; nothing is deleted."""
+    def set_aside(self) -> Path | None:
+        """Move everything run.dir holds (but its lock) into run.dir/set_aside/<UTC time>/ and return that folder;
+        nothing is deleted. The other processes move nothing (None)."""
+        if not self.is_main:
+            return None
         target = self.path / "set_aside" / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         target.mkdir(parents=True)
         for entry in self.path.iterdir():

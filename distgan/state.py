@@ -111,8 +111,8 @@ def find_resume(cfg: Config, is_main: bool) -> Resume | None:
                 f"no checkpoint in {run_dir / 'checkpoints'} loads ({names}; kept as *.pt.unreadable). To start "
                 "this run again from step 0, add --checkpoint.start_over=true: its files move to run.dir/set_aside/"
             )
-        if is_main:
-            moved = RunDir(run_dir).set_aside()
+        moved = RunDir(run_dir, is_main).set_aside()  # the main process moves them; the others see None
+        if moved is not None:
             print(f"distgan: no checkpoint loads ({names}); the run's files were moved to {moved}", file=sys.stderr)
     if found is None and cfg.checkpoint.resume:
         try:
