@@ -220,7 +220,7 @@ def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size:
     from distgan.dist import Runtime
     from distgan.models import build_models
     from distgan.precision import Precision
-    from distgan.train import train_step
+    from distgan.step import train_step
 
     overrides = {
         "train.batch_size": batch_size,

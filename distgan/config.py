@@ -43,12 +43,13 @@ def option(
     *,
     choices: tuple | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     above: float | None = None,
     below: float | None = None,
 ) -> Any:
-    """A config field with its documentation and the constraints a type cannot express: choices, an inclusive
-    minimum, exclusive bounds (above, below). Every float must also be finite."""
-    meta = {"doc": doc, "choices": choices, "minimum": minimum, "above": above, "below": below}
+    """A config field with its documentation and the constraints a type cannot express: choices, inclusive
+    bounds (minimum, maximum), exclusive bounds (above, below). Every float must also be finite."""
+    meta = {"doc": doc, "choices": choices, "minimum": minimum, "maximum": maximum, "above": above, "below": below}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -71,6 +72,18 @@ class ModelConfig:
     ndf: int = option(32, "DCGAN discriminator width: channels of its first layer (the seed: 64).", minimum=1)
     mlp_hidden: list[int] = option([256, 512, 1024], "MLP generator hidden sizes (the discriminator mirrors them).")
     mlp_dropout: float = option(0.3, "Dropout after each MLP discriminator hidden layer.", minimum=0.0, below=1.0)
+    d_batchnorm: bool = option(
+        True, "Batch norm in the DCGAN discriminator (the seed has it; SNGAN and R1 recipes drop it)."
+    )
+    spectral_norm: bool = option(
+        False,
+        "Spectral normalisation of every D layer (Miyato et al. 2018); the power-iteration vectors are checkpointed.",
+    )
+    pack: int = option(
+        1,
+        "PacGAN packing: D judges this many samples at once, concatenated (Lin et al. 2018); 1: one sample.",
+        minimum=1,
+    )
 
 
 @dataclass
@@ -129,6 +142,9 @@ class TrainConfig:
     ema_rampup: float = option(
         0.05, "Early on, cap the G_ema half-life at this times the images seen so far (0: no ramp-up).", minimum=0.0
     )
+    d_steps: int = option(
+        1, "D updates per G update, each on its own real batch and noise (WGAN-style n_critic).", minimum=1
+    )
 
 
 @dataclass
@@ -184,6 +200,52 @@ class LogConfig:
     report: bool = option(True, "At the end, write run.dir/report (plots; python -m distgan.report does it any time).")
 
 
+@dataclass
+class RegConfig:
+    r1_gamma: float = option(
+        0.0,
+        "R1 penalty weight: gamma/2 * E||grad_x D(x)||^2 on real samples (Mescheder et al. 2018); 0: off.",
+        minimum=0.0,
+    )
+    r2_gamma: float = option(0.0, "R2 penalty weight: the same on generated samples; 0: off.", minimum=0.0)
+    every: int = option(
+        1, "Lazy regularisation: compute R1/R2 every this many D steps, scaled by it (StyleGAN2: 16).", minimum=1
+    )
+    lecam_weight: float = option(
+        0.0,
+        "LeCam regularisation weight (Tseng et al. 2021): D's logits are pulled toward moving averages of the "
+        "other side's; 0: off.",
+        minimum=0.0,
+    )
+    lecam_decay: float = option(0.99, "Decay of LeCam's moving averages of D's mean logits.", minimum=0.0, below=1.0)
+
+
+AUGMENTATIONS = ("color", "translation", "cutout")
+
+
+@dataclass
+class AugmentConfig:
+    policy: list[str] = option(
+        [],
+        "Differentiable augmentations of everything D sees, reals and fakes (DiffAugment, Zhao et al. 2020): "
+        "any of color, translation, cutout; empty: none.",
+    )
+    p: float = option(
+        1.0, "Probability that each augmentation is applied to each image (DiffAugment: 1).", minimum=0.0, maximum=1.0
+    )
+    ada_target: float = option(
+        0.0,
+        "ADA (Karras et al. 2020): steer p (from 0) so that E[sign(D(real))] stays at this target (0.6 in "
+        "StyleGAN2-ADA); 0: p stays augment.p.",
+        minimum=0.0,
+        maximum=1.0,
+    )
+    ada_images: float = option(
+        500_000.0, "ADA speed: images over which p can move from 0 to 1 (StyleGAN2-ADA: 500k).", above=0.0
+    )
+    ada_every: int = option(4, "ADA adjusts p every this many D steps, from the statistic over them.", minimum=1)
+
+
 EVAL_METRICS = ("auto", "digits", "modes", "fid", "kid", "fgsm")
 
 
@@ -213,6 +275,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -304,6 +368,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
         for bound, fails, words in (
             ("minimum", float.__lt__, ">="),
+            ("maximum", float.__gt__, "<="),
             ("above", float.__le__, ">"),
             ("below", float.__ge__, "<"),
         ):
@@ -323,6 +388,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.source '{cfg.data.source}' holds 2-D points: it needs model.arch mlp")
     if points and cfg.data.hflip:
         raise ConfigError(f"data.hflip mirrors images; data.source '{cfg.data.source}' holds 2-D points")
+    unknown = [a for a in cfg.augment.policy if a not in AUGMENTATIONS]
+    if unknown:
+        raise ConfigError(f"config key 'augment.policy': unknown {unknown}; choose from {', '.join(AUGMENTATIONS)}")
+    if points and cfg.augment.policy:
+        raise ConfigError(f"augment.policy transforms images; data.source '{cfg.data.source}' holds 2-D points")
+    if cfg.augment.ada_target and not cfg.augment.policy:
+        raise ConfigError("augment.ada_target steers the probability of augment.policy, which is empty")
+    if cfg.train.batch_size % cfg.model.pack:
+        raise ConfigError(
+            f"model.pack {cfg.model.pack} must divide train.batch_size {cfg.train.batch_size} (D judges packs)"
+        )
     unknown = [m for m in cfg.eval.metrics if m not in EVAL_METRICS]
     if unknown:
         raise ConfigError(f"config key 'eval.metrics': unknown {unknown}; choose from {', '.join(EVAL_METRICS)}")

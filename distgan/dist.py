@@ -87,11 +87,17 @@ class Runtime:
             raise ConfigError("train.precision fp16 needs a CUDA device; on CPU use bf16")
         return name
 
-    def wrap(self, *modules: nn.Module, sync_bn: bool = True) -> list[nn.Module]:
-        """Where DDP is applied: synced batch norm (several processes and sync_bn), device placement, DDP."""
+    def wrap(self, *modules: nn.Module, sync_bn: bool = True, double_backward: bool = False) -> list[nn.Module]:
+        """Where DDP is applied: synced batch norm (several processes and sync_bn), device placement, DDP.
+
+        double_backward: a gradient penalty differentiates D's input gradients; torch's SyncBatchNorm has no
+        double backward (pytorch/pytorch#61222), so distgan's, in differentiable operations, is used on any device.
+        """
         if self.world > 1 and sync_bn:
-            convert = nn.SyncBatchNorm.convert_sync_batchnorm if self.device.type == "cuda" else SyncBatchNorm.convert
-            modules = tuple(convert(m) for m in modules)
+            if self.device.type == "cuda" and not double_backward:
+                modules = tuple(nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in modules)
+            else:
+                modules = tuple(SyncBatchNorm.convert(m, differentiable=double_backward) for m in modules)
         if self.accelerator is None:
             return [m.to(self.device) for m in modules]
         wrapped = self.accelerator.prepare(*modules)

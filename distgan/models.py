@@ -48,17 +48,16 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     """image (B, C, S, S) -> one logit per image (B,); no sigmoid, so losses stay autocast-safe."""
 
-    def __init__(self, ndf: int = 64, channels: int = 3, image_size: int = 64):
+    def __init__(self, ndf: int = 64, channels: int = 3, image_size: int = 64, batchnorm: bool = True):
         super().__init__()
         n = _num_upsamplings(image_size)
         layers: list[nn.Module] = [nn.Conv2d(channels, ndf, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, True)]
         width = ndf
         for _ in range(n - 1):  # each halves the size and doubles the width
-            layers += [
-                nn.Conv2d(width, width * 2, 4, 2, 1, bias=False),
-                nn.BatchNorm2d(width * 2),
-                nn.LeakyReLU(0.2, True),
-            ]
+            layers.append(nn.Conv2d(width, width * 2, 4, 2, 1, bias=not batchnorm))
+            if batchnorm:
+                layers.append(nn.BatchNorm2d(width * 2))
+            layers.append(nn.LeakyReLU(0.2, True))
             width *= 2
         layers.append(nn.Conv2d(width, 1, 4, 1, 0, bias=False))  # (B, 1, 1, 1)
         self.net = nn.Sequential(*layers)
@@ -112,29 +111,45 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def spectral_norm(module: nn.Module) -> nn.Module:
+    """Every Conv2d and Linear of module spectrally normalised (torch's parametrization: one power iteration per
+    training forward; the vectors u, v are buffers, so they are in the state dict)."""
+    for layer in list(module.modules()):
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            nn.utils.parametrizations.spectral_norm(layer)
+    return module
+
+
 def build_models(cfg: ModelConfig, points: bool = False) -> tuple[nn.Module, nn.Module]:
     """Generator and discriminator for a model config, initialised (seed the global RNG first).
 
     points: the MLP pair for 2-D points (the ring and grid mixtures): unbounded outputs, no Tanh.
+    With model.pack m, D takes m samples concatenated along the channels (images) or features (points).
     """
+    m = cfg.pack
     if points:
         if cfg.arch != "mlp":
             raise ValueError("2-D points need model.arch mlp")
-        return MLPGenerator(cfg.nz, cfg.mlp_hidden, (2,), tanh=False), MLPDiscriminator(
-            (2,), cfg.mlp_hidden[::-1], cfg.mlp_dropout
-        )
-    shape = (cfg.channels, cfg.image_size, cfg.image_size)
-    if cfg.arch == "dcgan":
+        g = MLPGenerator(cfg.nz, cfg.mlp_hidden, (2,), tanh=False)
+        d = MLPDiscriminator((2 * m,), cfg.mlp_hidden[::-1], cfg.mlp_dropout)
+    elif cfg.arch == "dcgan":
         g = Generator(cfg.nz, cfg.ngf, cfg.channels, cfg.image_size)
-        d = Discriminator(cfg.ndf, cfg.channels, cfg.image_size)
+        d = Discriminator(cfg.ndf, cfg.channels * m, cfg.image_size, cfg.d_batchnorm)
         g.apply(init_weights)
         d.apply(init_weights)
     elif cfg.arch == "mlp":
-        g = MLPGenerator(cfg.nz, cfg.mlp_hidden, shape)
-        d = MLPDiscriminator(shape, cfg.mlp_hidden[::-1], cfg.mlp_dropout)
+        g = MLPGenerator(cfg.nz, cfg.mlp_hidden, (cfg.channels, cfg.image_size, cfg.image_size))
+        d = MLPDiscriminator((cfg.channels * m, cfg.image_size, cfg.image_size), cfg.mlp_hidden[::-1], cfg.mlp_dropout)
     else:
         raise ValueError(f"unknown model.arch {cfg.arch!r}")
-    return g, d
+    return g, spectral_norm(d) if cfg.spectral_norm else d
+
+
+def pack(x: torch.Tensor, m: int) -> torch.Tensor:
+    """PacGAN's packing: m consecutive samples (B, C, ...) as one (B/m, m*C, ...) input of D."""
+    if m == 1:
+        return x
+    return x.reshape(x.shape[0] // m, m * x.shape[1], *x.shape[2:])
 
 
 @torch.no_grad()

@@ -33,6 +33,11 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
+    def scale_of(self, net: str) -> torch.Tensor | float:
+        """net's current fp16 loss scale (a device tensor: no host read), or 1.0 without a scaler."""
+        scaler = self.scalers.get(net)
+        return 1.0 if scaler is None else scaler._get_scale_async()
+
     def backward_and_step(self, net: str, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """Zero the gradients, backward, then step unless a gradient is NaN/Inf; returns the total gradient norm."""
         params = [p for group in optimizer.param_groups for p in group["params"]]

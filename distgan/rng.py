@@ -11,7 +11,7 @@ import torch
 
 # Purposes; never renumber (it would change every run).
 DATA_ORDER, NOISE, FIXED_NOISE, SYNTHETIC, PREPARE_ORDER, SHUFFLE_BUFFER, FLIP, RESEED = 1, 2, 3, 4, 5, 6, 7, 8
-EVAL_NOISE = 9
+EVAL_NOISE, AUGMENT = 9, 10
 
 
 def derive_seed(*keys: int) -> int:
@@ -24,9 +24,10 @@ def generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*keys))
 
 
-def noise(seed: int, step: int, batch_size: int, nz: int) -> torch.Tensor:
-    """The global batch of latent vectors (batch_size, nz) for one training step."""
-    return torch.randn(batch_size, nz, generator=generator(seed, NOISE, step))
+def noise(seed: int, step: int, batch_size: int, nz: int, d_step: int = 0) -> torch.Tensor:
+    """The global batch of latent vectors (batch_size, nz) of one training step's D step d_step (train.d_steps)."""
+    keys = (seed, NOISE, step) if d_step == 0 else (seed, NOISE, step, d_step)  # the first: as before d_steps
+    return torch.randn(batch_size, nz, generator=generator(*keys))
 
 
 def fixed_noise(seed: int, num: int, nz: int) -> torch.Tensor:

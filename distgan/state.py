@@ -26,15 +26,18 @@ from typing import NamedTuple
 import torch
 
 from distgan import checkpoint, rng
+from distgan.augment import AdaptiveP
 from distgan.config import Config, ConfigError, from_dict, is_points, to_dict
 from distgan.data import build_source, flips, hflip, to_model_input
 from distgan.dist import Runtime
 from distgan.ema import EMA
+from distgan.losses import LeCamAverages
 from distgan.models import build_models
 from distgan.precision import Precision
 from distgan.rundir import RunDir
+from distgan.step import Stabilisers
 
-FORMAT = 1
+FORMAT = 2
 # Keys a resumed run must share with its checkpoint: they define tensor shapes, or what the data position means.
 FIXED_ON_RESUME = (
     "model.arch",
@@ -44,6 +47,9 @@ FIXED_ON_RESUME = (
     "model.ngf",
     "model.ndf",
     "model.mlp_hidden",
+    "model.d_batchnorm",
+    "model.spectral_norm",
+    "model.pack",
     "data.source",
 )
 
@@ -53,7 +59,13 @@ def _from_format_0(state: dict) -> dict:
     return {**state, "bad_steps": {"total": int(state["bad_steps"])}}
 
 
-UPGRADES = {0: _from_format_0}  # version -> the function that turns it into version + 1
+def _from_format_1(state: dict) -> dict:
+    """Format 1 (before the stabilisers): augmentation probability and LeCam averages at their initial values."""
+    p = state["config"].get("augment", {}).get("p", 1.0)
+    return {**state, "augment": {"p": p, "signs": [0.0, 0.0]}, "lecam": {"values": [0.0, 0.0]}}
+
+
+UPGRADES = {0: _from_format_0, 1: _from_format_1}  # version -> the function that turns it into version + 1
 
 
 def upgrade(state: dict, path: str | Path) -> dict:
@@ -74,10 +86,10 @@ def upgrade(state: dict, path: str | Path) -> dict:
 
 def check_compatible(stored: dict, cfg: Config, path: str | Path) -> None:
     """ConfigError naming the first FIXED_ON_RESUME key whose value differs from the checkpoint's config."""
-    current = to_dict(cfg)
+    current, defaults = to_dict(cfg), to_dict(Config())  # a key newer than the checkpoint had its default
     for key in FIXED_ON_RESUME:
         section, name = key.split(".")
-        then, now = stored.get(section, {}).get(name), current[section][name]
+        then, now = stored.get(section, {}).get(name, defaults[section][name]), current[section][name]
         if then != now:
             raise ConfigError(
                 f"{key} is {now!r} but {path} was trained with {then!r}; {key} cannot change on resume "
@@ -195,7 +207,8 @@ class TrainState:
             G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
         self.ema = EMA(G, cfg.train.ema_halflife_images, cfg.train.ema_rampup)  # a plain copy, before any wrapping
         self.ema.model.to(runtime.device)
-        self.G, self.D = runtime.wrap(G, D, sync_bn=cfg.dist.sync_bn)  # every rank, same order
+        penalties = cfg.reg.r1_gamma > 0 or cfg.reg.r2_gamma > 0  # a double backward through D's batch norm
+        self.G, self.D = runtime.wrap(G, D, sync_bn=cfg.dist.sync_bn, double_backward=penalties)  # same order
         self.G_plain, self.D_plain = runtime.unwrap(self.G), runtime.unwrap(self.D)
         adam = {"betas": (cfg.optim.beta1, cfg.optim.beta2), "fused": cfg.optim.fused}
         self.opt_g = torch.optim.Adam(self.G_plain.parameters(), lr=cfg.optim.lr_g, **adam)
@@ -208,6 +221,25 @@ class TrainState:
         pinned = runtime.device.type == "cuda"
         self.data = build_source(cfg, runtime.rank, runtime.world, pin_memory=pinned, workers=workers)
         self.rng = RNGState()
+        self.stab = self._stabilisers()
+
+    def _stabilisers(self) -> Stabilisers:
+        cfg, runtime = self.cfg, self.runtime
+        per_rank = cfg.train.batch_size // runtime.world
+        if per_rank % cfg.model.pack:
+            raise ConfigError(
+                f"model.pack {cfg.model.pack} must divide the {per_rank} samples per process (train.batch_size "
+                f"{cfg.train.batch_size} over {runtime.world} processes)"
+            )
+        a, r = cfg.augment, cfg.reg
+        ada = AdaptiveP(a.p, a.ada_target, a.ada_images, a.ada_every, cfg.train.batch_size, runtime.device,
+                        total=runtime.sum, first_rank=runtime.rank == 0)  # fmt: skip
+        return Stabilisers(
+            pack=cfg.model.pack, r1_gamma=r.r1_gamma, r2_gamma=r.r2_gamma, every=r.every,
+            lecam_weight=r.lecam_weight, lecam=LeCamAverages(r.lecam_decay, runtime.device, runtime.mean),
+            policy=list(a.policy), ada=ada, seed=cfg.run.seed, batch_size=cfg.train.batch_size,
+            rank_slice=self.data.rank_slice,
+        )  # fmt: skip
 
     @property
     def G_ema(self) -> torch.nn.Module:
@@ -223,6 +255,8 @@ class TrainState:
             "opt_d": self.opt_d,
             "scalers": self.precision,
             "bad_steps": self.bad_steps,
+            "augment": self.stab.ada,
+            "lecam": self.stab.lecam,
         }
 
     def rank_parts(self) -> dict:
@@ -290,22 +324,26 @@ class TrainState:
             self.data.load_state_dict(ranks[0]["data"])
             torch.manual_seed(rng.derive_seed(self.cfg.run.seed, rng.RESEED, self.step, self.runtime.rank))
 
-    def inputs(self, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """This rank's slice of the step's real batch and noise, on the device, and the seconds spent waiting for
-        the data. Noise and flips are functions of (run.seed, step), drawn for the global batch."""
+    def inputs(self, step: int) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+        """This rank's slices of the step's real batches and noise batches, one of each per D step
+        (train.d_steps), on the device, and the seconds spent waiting for the data. Noise and flips are functions
+        of (run.seed, step, D step), drawn for the global batch."""
         cfg, device = self.cfg, self.runtime.device
-        fetch_start = time.perf_counter()
-        batch = next(self.data)
-        waited = time.perf_counter() - fetch_start
-        real = to_model_input(batch, device)
-        if cfg.train.channels_last and real.dim() == 4:
-            real = real.contiguous(memory_format=torch.channels_last)
-        if cfg.data.hflip:
-            mask = flips(cfg.run.seed, step, cfg.train.batch_size)[self.data.rank_slice]
-            real = hflip(real, mask.to(device, non_blocking=True))
-        z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz)[self.data.rank_slice]
-        z = z.to(device, non_blocking=True)  # non-blocking: a blocking copy would wait for the GPU every step
-        return real, z, waited
+        reals, zs, waited = [], [], 0.0
+        for d_step in range(cfg.train.d_steps):
+            fetch_start = time.perf_counter()
+            batch = next(self.data)
+            waited += time.perf_counter() - fetch_start
+            real = to_model_input(batch, device)
+            if cfg.train.channels_last and real.dim() == 4:
+                real = real.contiguous(memory_format=torch.channels_last)
+            if cfg.data.hflip:
+                mask = flips(cfg.run.seed, step, cfg.train.batch_size, d_step)[self.data.rank_slice]
+                real = hflip(real, mask.to(device, non_blocking=True))
+            z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz, d_step)[self.data.rank_slice]
+            reals.append(real)
+            zs.append(z.to(device, non_blocking=True))  # non-blocking: a blocking copy would wait for the GPU
+        return reals, zs, waited
 
     def advance(self, stats: dict[str, torch.Tensor]) -> None:
         """Bookkeeping after a training step: the skipped-step counters, G_ema, the step count."""

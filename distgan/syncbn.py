@@ -4,12 +4,18 @@ torch.nn.SyncBatchNorm only runs on CUDA, and DDP on CPU refuses a module holdin
 run would otherwise normalise each rank's slice on its own and compute something else than the GPU run. This
 is the same algorithm: per-rank count, mean and sum of squared deviations are gathered and combined (Chan's
 parallel variance, in float64), and the backward pass all-reduces the two per-channel gradient sums.
+
+That hand-written backward is not itself differentiable, and neither is torch's (pytorch/pytorch#61222), so a
+gradient penalty (R1, R2) through synced batch norm would be wrong or fail. With differentiable=True the layer
+is built of autograd operations around torch.distributed.nn's all_reduce, whose backward is an all_reduce
+again: autograd derives every order of derivative, at the cost of a slower first one.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -62,6 +68,31 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return grad_x.to(grad_out.dtype), grad_weight, grad_bias, None, None, None, None, None
 
 
+def _differentiable_sync_batch_norm(x, weight, bias, running_mean, running_var, eps, momentum, group):
+    """The same normalisation in autograd operations (double backward works): the per-channel sums, sums of
+    squares and count all-reduced in float64."""
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    xd = x.double()
+    count = torch.tensor([float(x.numel() // x.shape[1])], dtype=torch.float64, device=x.device)
+    local = torch.cat([xd.sum(dims), xd.square().sum(dims), count])  # (2C + 1,)
+    sums = dist_fn.all_reduce(local, group=group)
+    channels = x.shape[1]
+    total = sums[-1].detach()
+    mean = sums[:channels] / total
+    var = (sums[channels : 2 * channels] / total - mean.square()).clamp(min=0)  # biased: what normalises
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
+            unbiased = var * total / (total - 1).clamp(min=1)
+            running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
+    invstd = (var + eps).rsqrt().float()
+    y = (x.float() - mean.float().view(shape)) * invstd.view(shape)
+    if weight is not None:
+        y = y * weight.float().view(shape) + bias.float().view(shape)
+    return y.to(x.dtype)
+
+
 class SyncBatchNorm(_BatchNorm):
     """Drop-in for BatchNorm1d/2d/3d whose training statistics span all ranks of the process group.
 
@@ -69,9 +100,12 @@ class SyncBatchNorm(_BatchNorm):
     has the same keys as BatchNorm's, so checkpoints load into either.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, process_group=None):
+    def __init__(
+        self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, process_group=None,
+        differentiable: bool = False,
+    ):  # fmt: skip
         super().__init__(num_features, eps, momentum, affine, track_running_stats)
-        self.process_group = process_group
+        self.process_group, self.differentiable = process_group, differentiable
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -86,17 +120,16 @@ class SyncBatchNorm(_BatchNorm):
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
         stats = (self.running_mean, self.running_var) if self.track_running_stats else (None, None)
-        return _SyncBatchNormFunction.apply(
-            x, self.weight, self.bias, *stats, self.eps, self.momentum, self.process_group
-        )
+        function = _differentiable_sync_batch_norm if self.differentiable else _SyncBatchNormFunction.apply
+        return function(x, self.weight, self.bias, *stats, self.eps, self.momentum, self.process_group)
 
     @classmethod
-    def convert(cls, module: nn.Module, process_group=None) -> nn.Module:
+    def convert(cls, module: nn.Module, process_group=None, differentiable: bool = False) -> nn.Module:
         """A copy-free conversion: every BatchNorm in module becomes a SyncBatchNorm sharing its tensors."""
         if isinstance(module, _BatchNorm) and not isinstance(module, cls):
             synced = cls(
                 module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                process_group,
+                process_group, differentiable,
             )  # fmt: skip
             if module.affine:
                 synced.weight, synced.bias = module.weight, module.bias
@@ -106,5 +139,5 @@ class SyncBatchNorm(_BatchNorm):
             synced.train(module.training)
             return synced
         for name, child in module.named_children():
-            module.add_module(name, cls.convert(child, process_group))
+            module.add_module(name, cls.convert(child, process_group, differentiable))
         return module

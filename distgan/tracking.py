@@ -387,11 +387,13 @@ class LogWindow:
     def reset(self) -> None:
         """Start a new window (after a row, and after the evaluation that may follow it: that is not training)."""
         self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}  # steps that reported each statistic (a lazy penalty: every k-th)
         self.steps, self.data_wait_s, self.started = 0, 0.0, time.perf_counter()
 
     def add(self, stats: dict[str, torch.Tensor], data_wait_s: float) -> None:
         for key, value in stats.items():
             self.sums[key] = self.sums[key] + value if key in self.sums else value
+            self.counts[key] = self.counts.get(key, 0) + 1
         self.steps += 1
         self.data_wait_s += data_wait_s
 
@@ -400,7 +402,8 @@ class LogWindow:
         the run's counters and the process's peak memory."""
         seconds = time.perf_counter() - self.started
         device = next(iter(self.sums.values())).device
-        local = torch.cat([torch.stack(list(self.sums.values())) / self.steps,
+        counts = torch.tensor([self.counts[key] for key in self.sums], device=device)
+        local = torch.cat([torch.stack(list(self.sums.values())) / counts,
                            torch.tensor([self.data_wait_s / seconds], device=device)])  # fmt: skip
         row = dict(zip([*self.sums, "data/wait_fraction"], mean(local).tolist()))
         row["images_per_s"] = self.steps * self.batch_size / seconds

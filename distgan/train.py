@@ -10,62 +10,17 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from distgan import checkpoint, dist, rng
 from distgan.config import Config, ConfigError, describe, eval_metrics, is_points, load_config, run_command, to_yaml
 from distgan.dist import Runtime, StopVote
 from distgan.eval import Evaluator
-from distgan.losses import d_loss, g_loss
-from distgan.precision import Precision
 from distgan.rundir import RunDir
 from distgan.state import TrainState, find_resume
+from distgan.step import train_step
 from distgan.tracking import LogWindow, Tracker, tag_console, wandb_mode, write_config
 
 NUM_FIXED_SAMPLES = 64  # an 8x8 grid
 NUM_FIXED_POINTS = 1000  # a scatter plot, for the 2-D ring and grid
-
-
-def train_step(
-    G: nn.Module,
-    D: nn.Module,
-    opt_g: torch.optim.Optimizer,
-    opt_d: torch.optim.Optimizer,
-    real: torch.Tensor,
-    z: torch.Tensor,
-    loss: str = "nonsaturating",
-    precision: Precision | None = None,
-) -> dict[str, torch.Tensor]:
-    """One D update then one G update on the same fake batch; returns detached scalar statistics."""
-    precision = precision or Precision("fp32", real.device)
-    with precision.autocast():
-        fake = G(z)  # (B, C, H, W); kept attached for the G step
-
-        # D step: real -> 1, fake -> 0. detach() keeps D's loss from reaching G.
-        real_logits = D(real)
-        fake_logits = D(fake.detach())
-    loss_d = d_loss(loss, real_logits, fake_logits)  # losses in fp32 from the logits
-    grad_norm_d = precision.backward_and_step("D", loss_d, opt_d)
-
-    # G step against the updated D. D's weights are frozen, so backward computes only what G needs (and under
-    # DDP, D's reducer, which no D gradient reaches in this step, expects none); synced batch norm still syncs.
-    D.requires_grad_(False)
-    with precision.autocast():
-        fake_logits_after = D(fake)
-    loss_g = g_loss(loss, fake_logits_after)
-    grad_norm_g = precision.backward_and_step("G", loss_g, opt_g)
-    D.requires_grad_(True)
-
-    return {
-        "loss/D": loss_d.detach(),
-        "loss/G": loss_g.detach(),
-        "D/real": torch.sigmoid(real_logits.detach().float()).mean(),  # D(x)
-        "D/fake_before": torch.sigmoid(fake_logits.detach().float()).mean(),  # D(G(z)) before the D update
-        "D/fake_after": torch.sigmoid(fake_logits_after.detach().float()).mean(),  # ... and after it
-        "grad_norm/D": grad_norm_d.detach().float(),
-        "grad_norm/G": grad_norm_g.detach().float(),
-    }
 
 
 class Stopped(SystemExit):
@@ -114,8 +69,10 @@ def run(cfg: Config, runtime: Runtime, run_dir: RunDir, state: TrainState, evalu
     window, stop, exit_code = LogWindow(cfg.train.batch_size), StopVote(runtime), 1
     try:
         for step in range(state.step + 1, cfg.train.steps + 1):
-            real, z, data_wait_s = state.inputs(step)
-            stats = train_step(state.G, state.D, state.opt_g, state.opt_d, real, z, cfg.train.loss, state.precision)
+            reals, zs, data_wait_s = state.inputs(step)
+            stats = train_step(
+                state.G, state.D, state.opt_g, state.opt_d, reals, zs, cfg.train.loss, state.precision, state.stab, step
+            )
             state.advance(stats)
             window.add(stats, data_wait_s)
             tracker.advance()
@@ -125,7 +82,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: RunDir, state: TrainState, evalu
             if step % cfg.log.every == 0 or last or evaluate:
                 row = window.row(runtime.mean, state.counters())
                 if evaluate:  # G_ema's samples; D and this batch for the FGSM probe
-                    row.update(evaluator.timed(state.G_ema, state.D_plain, real))
+                    row.update(evaluator.timed(state.G_ema, state.D_plain, reals[-1]))
                 runtime.guard(tracker.log, step, row)
                 window.reset()
             if step % cfg.log.images_every == 0 or last:

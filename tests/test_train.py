@@ -8,7 +8,8 @@ from conftest import tiny_config
 from PIL import Image
 
 from distgan import checkpoint
-from distgan.train import train, train_step
+from distgan.step import train_step
+from distgan.train import train
 
 
 def final_state(run_dir):

@@ -53,9 +53,10 @@ def to_model_input(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
     return batch.to(device, non_blocking=True).float().mul_(2 / 255).sub_(1.0)
 
 
-def flips(seed: int, step: int, batch_size: int) -> torch.Tensor:
-    """Which images of the step's global batch to flip: bool (batch_size,), a pure function of (seed, step)."""
-    return torch.rand(batch_size, generator=rng.generator(seed, rng.FLIP, step)) < 0.5
+def flips(seed: int, step: int, batch_size: int, d_step: int = 0) -> torch.Tensor:
+    """Which images of a step's global batch to flip: bool (batch_size,), a pure function of (seed, step, d_step)."""
+    keys = (seed, rng.FLIP, step) if d_step == 0 else (seed, rng.FLIP, step, d_step)
+    return torch.rand(batch_size, generator=rng.generator(*keys)) < 0.5
 
 
 def hflip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
