@@ -153,6 +153,15 @@ class OptimConfig:
     lr_d: float = option(2e-4, "Adam learning rate of D.", above=0.0)
     beta1: float = option(0.5, "Adam beta1 (DCGAN: 0.5).", minimum=0.0, below=1.0)
     beta2: float = option(0.999, "Adam beta2.", minimum=0.0, below=1.0)
+    decay: str = option(
+        "none",
+        "Learning-rate schedule of both networks: none, or linear / cosine decay toward 0 over the steps after "
+        "optim.decay_start (a function of the step and train.steps: nothing to checkpoint).",
+        choices=("none", "linear", "cosine"),
+    )
+    decay_start: float = option(
+        0.5, "With optim.decay, the share of train.steps after which the learning rates decay.", minimum=0.0, below=1.0
+    )
     fused: bool = option(True, "Fused Adam: one kernel updates every parameter (instead of a loop over them).")
 
 

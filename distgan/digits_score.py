@@ -227,6 +227,21 @@ class DigitsScorer:
         """(N, 1, S, S) images in [-1, 1] -> (N,) predicted digit labels."""
         return self.probabilities(images).argmax(1)
 
+    @functools.cached_property
+    def fd_floor(self) -> float:
+        """digits/fd_floor: the same distance between two disjoint random halves of the real digits as training sees
+        them (898 and 899 images): what real data itself scores, so a generator's digits/fd reads against it."""
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        reference = reference_digits()
+        order = torch.randperm(reference.shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))
+        half = reference.shape[0] // 2
+        fd = FrechetInceptionDistance(feature=self.feature_module, sync_on_compute=False)
+        with torch.no_grad():
+            fd.update(reference[order[:half]], real=True)
+            fd.update(reference[order[half:]], real=False)
+            return fd.compute().item()
+
     def _fd_metric(self):
         if self._fd is None:
             from torchmetrics.image.fid import FrechetInceptionDistance
@@ -240,7 +255,8 @@ class DigitsScorer:
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, min_share: float = MIN_CLASS_SHARE) -> dict[str, float]:
-        """digits/fd, digits/classes, digits/entropy (bits), digits/confidence of (N, 1, S, S) images in [-1, 1].
+        """digits/fd (beside digits/fd_floor), digits/classes, digits/entropy (bits), digits/confidence of (N, 1, S, S)
+        images in [-1, 1].
 
         digits/classes counts the classes predicted for at least min_share of the images (and at least one image).
         """
@@ -256,6 +272,7 @@ class DigitsScorer:
         nonzero = share[share > 0]
         return {
             "digits/fd": distance,
+            "digits/fd_floor": self.fd_floor,
             "digits/classes": int(((share >= min_share) & (counts >= 1)).sum()),
             "digits/entropy": float(-(nonzero * nonzero.log2()).sum()) + 0.0,  # never -0.0
             "digits/confidence": probs.max(1).values.mean().item(),

@@ -18,6 +18,7 @@ of an older format is upgraded when it is read (UPGRADES), one of a newer format
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from pathlib import Path
@@ -345,6 +346,13 @@ class TrainState:
             zs.append(z.to(device, non_blocking=True))  # non-blocking: a blocking copy would wait for the GPU
         return reals, zs, waited
 
+    def set_learning_rates(self, step: int) -> None:
+        """Both optimizers' learning rates for this step: the config's, times optim.decay's factor."""
+        o, steps = self.cfg.optim, self.cfg.train.steps
+        for opt, base in ((self.opt_g, o.lr_g), (self.opt_d, o.lr_d)):
+            for group in opt.param_groups:
+                group["lr"] = base * decay_factor(o.decay, o.decay_start, step, steps)
+
     def advance(self, stats: dict[str, torch.Tensor]) -> None:
         """Bookkeeping after a training step: the skipped-step counters, G_ema, the step count."""
         self.step += 1
@@ -375,6 +383,16 @@ class TrainState:
 
         self.runtime.guard(write)
         return path
+
+
+def decay_factor(kind: str, start: float, step: int, steps: int) -> float:
+    """The learning-rate factor of step (1-based) of steps: 1 until start * steps, then linear or cosine toward 0
+    (the last step's factor is 1 / (the decay's length), not 0)."""
+    first = int(start * steps)  # the last step at the full rate
+    if kind == "none" or step <= first:
+        return 1.0
+    t = (step - 1 - first) / (steps - first)  # in [0, 1)
+    return 1.0 - t if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:

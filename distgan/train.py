@@ -70,6 +70,8 @@ def run(cfg: Config, runtime: Runtime, run_dir: RunDir, state: TrainState, evalu
     try:
         for step in range(state.step + 1, cfg.train.steps + 1):
             reals, zs, data_wait_s = state.inputs(step)
+            if cfg.optim.decay != "none":
+                state.set_learning_rates(step)
             stats = train_step(
                 state.G, state.D, state.opt_g, state.opt_d, reals, zs, cfg.train.loss, state.precision, state.stab, step
             )

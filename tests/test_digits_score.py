@@ -136,3 +136,11 @@ def test_features_classify_and_determinism(scorer, held_out):
 def test_rejects_colour_images(scorer):
     with pytest.raises(ValueError, match="grayscale"):
         scorer.score(torch.zeros(4, 3, 32, 32))
+
+
+def test_the_floor_is_what_two_halves_of_the_real_digits_score_and_is_reported_with_every_score():
+    scorer = ds.default_scorer()
+    real = ds.reference_digits()
+    assert 0.5 < scorer.fd_floor < 5  # two halves of 898 and 899 real digits: estimation noise alone
+    assert scorer.score(real)["digits/fd"] < scorer.fd_floor / 10  # the whole set against itself: near 0
+    assert scorer.score(real[:100])["digits/fd_floor"] == scorer.fd_floor  # beside every score, the same value

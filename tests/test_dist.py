@@ -9,8 +9,8 @@ from distgan.config import ConfigError, load_config
 from distgan.dist import Runtime
 from distgan.models import build_models
 from distgan.precision import Precision
-from distgan.syncbn import SyncBatchNorm
 from distgan.step import train_step
+from distgan.syncbn import SyncBatchNorm
 
 BATCH, NZ = 8, 16
 SMALL = {"model.ngf": 8, "model.ndf": 8, "model.nz": NZ, "train.batch_size": BATCH, "run.device": "cpu"}

@@ -16,6 +16,7 @@ from distgan.dist import Runtime
 from distgan.losses import LeCamAverages, gradient_penalty, lecam_loss
 from distgan.models import build_models, pack
 from distgan.precision import Precision
+from distgan.state import decay_factor
 from distgan.step import Stabilisers, train_step
 from distgan.syncbn import SyncBatchNorm
 from distgan.train import train
@@ -187,14 +188,14 @@ def test_two_ranks_take_the_same_stabilised_step_as_one(tmp_path):
 EVERYTHING = {
     "model.pack": 2, "model.spectral_norm": True, "reg.r1_gamma": 1.0, "reg.r2_gamma": 0.1, "reg.every": 2,
     "reg.lecam_weight": 0.1, "augment.policy": POLICY, "augment.ada_target": 0.6, "augment.ada_images": 500.0,
-    "augment.ada_every": 1, "train.d_steps": 2,
+    "augment.ada_every": 1, "train.d_steps": 2, "optim.decay": "linear",
 }  # fmt: skip
 
 
 def test_a_run_with_every_stabiliser_resumes_bitwise_and_logs_them(tmp_path):
     train(tiny_config(tmp_path / "straight", **EVERYTHING))
-    train(tiny_config(tmp_path / "resumed", **EVERYTHING, **{"train.steps": 4}))
-    train(tiny_config(tmp_path / "resumed", **EVERYTHING))  # from the step-4 checkpoint
+    step_4 = tmp_path / "straight" / "checkpoints" / "step_00000004.pt"  # the same train.steps: the same lr decay
+    train(tiny_config(tmp_path / "resumed", **EVERYTHING, **{"checkpoint.resume": str(step_4)}))
     straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
     assert_same_weights(straight, resumed)
     assert straight["augment"] == resumed["augment"] and straight["lecam"] == resumed["lecam"]
@@ -202,5 +203,13 @@ def test_a_run_with_every_stabiliser_resumes_bitwise_and_logs_them(tmp_path):
     import json
 
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["lr/G"] for row in rows] == pytest.approx([2e-4, 2e-4, 2e-4 / 3])  # steps 2, 4, 6 of 6
     for key in ("reg/r1", "reg/r2", "reg/lecam", "augment/p", "augment/real_sign"):
         assert all(math.isfinite(row[key]) for row in rows), key
+
+
+def test_learning_rate_decay_factors():
+    linear = [decay_factor("linear", 0.5, step, 10) for step in range(1, 11)]
+    assert linear == pytest.approx([1, 1, 1, 1, 1, 1, 0.8, 0.6, 0.4, 0.2])
+    assert decay_factor("cosine", 0.0, 3, 4) == pytest.approx(0.0 + 0.5 * (1 + math.cos(math.pi / 2)))
+    assert decay_factor("none", 0.0, 10, 10) == 1.0
