@@ -235,9 +235,10 @@ AUGMENTATIONS = ("color", "translation", "cutout")
 @dataclass
 class AugmentConfig:
     policy: list[str] = option(
-        [],
+        ["auto"],
         "Differentiable augmentations of everything D sees, reals and fakes (DiffAugment, Zhao et al. 2020): "
-        "any of color, translation, cutout; empty: none.",
+        "auto (translation and cutout for images, none for 2-D points), any of color, translation, cutout, or [] "
+        "for none.",
     )
     p: float = option(
         1.0, "Probability that each augmentation is applied to each image (DiffAugment: 1).", minimum=0.0, maximum=1.0
@@ -397,12 +398,19 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.source '{cfg.data.source}' holds 2-D points: it needs model.arch mlp")
     if points and cfg.data.hflip:
         raise ConfigError(f"data.hflip mirrors images; data.source '{cfg.data.source}' holds 2-D points")
-    unknown = [a for a in cfg.augment.policy if a not in AUGMENTATIONS]
+    unknown = [a for a in cfg.augment.policy if a not in ("auto", *AUGMENTATIONS)]
     if unknown:
-        raise ConfigError(f"config key 'augment.policy': unknown {unknown}; choose from {', '.join(AUGMENTATIONS)}")
-    if points and cfg.augment.policy:
-        raise ConfigError(f"augment.policy transforms images; data.source '{cfg.data.source}' holds 2-D points")
-    if cfg.augment.ada_target and not cfg.augment.policy:
+        raise ConfigError(
+            f"config key 'augment.policy': unknown {unknown}; choose from auto, {', '.join(AUGMENTATIONS)}"
+        )
+    if "auto" in cfg.augment.policy and cfg.augment.policy != ["auto"]:
+        raise ConfigError(f"config key 'augment.policy': auto stands alone; got {cfg.augment.policy}")
+    if points and augment_policy(cfg):
+        raise ConfigError(
+            f"augment.policy {cfg.augment.policy} transforms images; data.source '{cfg.data.source}' holds 2-D "
+            f"points (leave augment.policy at auto, or set it to [])"
+        )
+    if cfg.augment.ada_target and not augment_policy(cfg):
         raise ConfigError("augment.ada_target steers the probability of augment.policy, which is empty")
     if cfg.train.batch_size % cfg.model.pack:
         raise ConfigError(
@@ -429,6 +437,14 @@ def check_metrics(metrics: list[str], cfg: Config, origin: str) -> None:
 def is_points(cfg: Config) -> bool:
     """Whether cfg trains on 2-D points (the ring8/grid25 mixtures of distgan/toy.py) rather than images."""
     return cfg.data.source in MIXTURES
+
+
+def augment_policy(cfg: Config) -> list[str]:
+    """D's augmentations: augment.policy with `auto` resolved (DiffAugment translation + cutout for images, the
+    digits recipe of docs/recipes.md; none for 2-D points)."""
+    if cfg.augment.policy != ["auto"]:
+        return list(cfg.augment.policy)
+    return [] if is_points(cfg) else ["translation", "cutout"]
 
 
 def eval_metrics(cfg: Config) -> list[str]:

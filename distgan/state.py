@@ -28,7 +28,7 @@ import torch
 
 from distgan import checkpoint, rng
 from distgan.augment import AdaptiveP
-from distgan.config import Config, ConfigError, from_dict, is_points, to_dict
+from distgan.config import Config, ConfigError, augment_policy, from_dict, is_points, to_dict
 from distgan.data import build_source, flips, hflip, to_model_input
 from distgan.dist import Runtime
 from distgan.ema import EMA
@@ -61,9 +61,12 @@ def _from_format_0(state: dict) -> dict:
 
 
 def _from_format_1(state: dict) -> dict:
-    """Format 1 (before the stabilisers): augmentation probability and LeCam averages at their initial values."""
-    p = state["config"].get("augment", {}).get("p", 1.0)
-    return {**state, "augment": {"p": p, "signs": [0.0, 0.0]}, "lecam": {"values": [0.0, 0.0]}}
+    """Format 1 (before the stabilisers): augmentation probability and LeCam averages at their initial values; its
+    run had no augmentation, whatever today's default of augment.policy (auto)."""
+    augment = {"p": 1.0, "policy": [], **state["config"].get("augment", {})}
+    config = {**state["config"], "augment": augment}
+    extra = {"augment": {"p": augment["p"], "signs": [0.0, 0.0]}, "lecam": {"values": [0.0, 0.0]}}
+    return {**state, "config": config, **extra}
 
 
 UPGRADES = {0: _from_format_0, 1: _from_format_1}  # version -> the function that turns it into version + 1
@@ -96,6 +99,21 @@ def check_compatible(stored: dict, cfg: Config, path: str | Path) -> None:
                 f"{key} is {now!r} but {path} was trained with {then!r}; {key} cannot change on resume "
                 f"(set it back, or start a new run.dir)"
             )
+
+
+TRAINING_SECTIONS = ("model", "data", "train", "optim", "reg", "augment")  # what the computation depends on
+
+
+def changed_keys(stored: dict, cfg: Config) -> list[str]:
+    """'key then -> now' for each training key whose value differs from the checkpoint's config (a key the
+    checkpoint does not record is not compared): a resume may change them, and its console says so."""
+    current = to_dict(cfg)
+    return [
+        f"{section}.{name} {then!r} -> {current[section][name]!r}"
+        for section in TRAINING_SECTIONS
+        for name, then in stored.get(section, {}).items()
+        if name in current[section] and then != current[section][name]
+    ]
 
 
 class Resume(NamedTuple):
@@ -238,7 +256,7 @@ class TrainState:
         return Stabilisers(
             pack=cfg.model.pack, r1_gamma=r.r1_gamma, r2_gamma=r.r2_gamma, every=r.every,
             lecam_weight=r.lecam_weight, lecam=LeCamAverages(r.lecam_decay, runtime.device, runtime.mean),
-            policy=list(a.policy), ada=ada, seed=cfg.run.seed, batch_size=cfg.train.batch_size,
+            policy=augment_policy(cfg), ada=ada, seed=cfg.run.seed, batch_size=cfg.train.batch_size,
             rank_slice=self.data.rank_slice,
         )  # fmt: skip
 

@@ -15,7 +15,7 @@ from distgan.config import Config, ConfigError, describe, eval_metrics, is_point
 from distgan.dist import Runtime, StopVote
 from distgan.eval import Evaluator
 from distgan.rundir import RunDir
-from distgan.state import TrainState, find_resume
+from distgan.state import TrainState, changed_keys, find_resume
 from distgan.step import train_step
 from distgan.tracking import LogWindow, Tracker, tag_console, wandb_mode, write_config
 
@@ -118,6 +118,9 @@ def describe_run(runtime: Runtime, state: TrainState, resume) -> str:
         written_by = len(resume.state["ranks"])
         layout = "" if written_by == world else f" (written by {written_by} processes)"
         lines.append(f"resumed from {resume.path} at step {state.step}{layout}")
+        changed = changed_keys(resume.state["config"], cfg)
+        if changed:
+            lines.append(f"changed since the checkpoint: {', '.join(changed)}")
     return "\n".join(lines + state.notes + [f"data: {note}" for note in state.data.notes])
 
 

@@ -74,6 +74,8 @@ def test_point_sources_and_eval_metric_rules():
         load_config(None, {"eval.metrics": ["fidd"]})
     with pytest.raises(ConfigError, match="'modes' needs data.source ring8 or grid25"):
         load_config(None, {"eval.metrics": ["modes"]})
+    with pytest.raises(ConfigError, match=r"augment.policy \['translation'\] transforms images; .*'ring8' holds 2-D"):
+        load_config(None, {"data.source": "ring8", "model.arch": "mlp", "augment.policy": ["translation"]})
     with pytest.raises(ConfigError, match=r"\['digits'\] need images"):
         load_config(None, {"data.source": "ring8", "model.arch": "mlp", "eval.metrics": ["digits"]})
     with pytest.raises(ConfigError, match="'digits' scores grayscale digits"):

@@ -31,6 +31,7 @@ PIN = {
     "checkpoint.keep": 5,
     "log.every": 5,
     "log.images_every": 20,
+    "augment.policy": [],  # the digests predate the augmented default
 }
 ONE_PROCESS = "b9ea6922ed7f61539858629b5f5a04ddf5253c5c4758364b0c344f220e7f0a75"
 TWO_PROCESSES = "914255987bb21b38d52367f13c60409f46fa07cc3fef8a7d2050b20f034102d1"
@@ -127,6 +128,26 @@ def test_this_checkouts_checkpoint_written_as_format_0_resumes_bitwise(tmp_path,
     assert digest(checkpoint.load(checkpoint.path_for(resume_from(tmp_path / "old", older), 20))) == final_digest(
         straight
     )
+
+
+def test_a_format_1_checkpoint_resumes_without_augmentation_and_a_changed_key_is_announced(tmp_path, straight, capsys):
+    """Format 1 predates augment.*: its run had no augmentation, whatever the default is today. The straight run's
+    step-10 checkpoint, rewritten as format 1, resumes bitwise to the straight run's weights; resumed with the
+    default augmentation instead, the console names the change."""
+    from distgan.state import upgrade
+
+    state = checkpoint.load(checkpoint.path_for(straight, 10))
+    config = {k: v for k, v in state["config"].items() if k not in ("augment", "reg")}
+    older = {k: v for k, v in state.items() if k not in ("augment", "lecam")} | {"format": 1, "config": config}
+    assert upgrade(older, "old.pt")["config"]["augment"]["policy"] == []
+    assert digest(checkpoint.load(checkpoint.path_for(resume_from(tmp_path / "old", older), 20))) == final_digest(
+        straight
+    )
+    (tmp_path / "changed" / "checkpoints").mkdir(parents=True)
+    torch.save(older, checkpoint.path_for(tmp_path / "changed", 10))
+    capsys.readouterr()
+    train(tiny_config(tmp_path / "changed", **{**PIN, "augment.policy": ["auto"], "train.steps": 12}))
+    assert "changed since the checkpoint: train.steps 20 -> 12, augment.policy [] -> ['auto']" in capsys.readouterr().out
 
 
 def test_a_changed_learning_rate_and_beta_take_effect_on_resume(tmp_path):

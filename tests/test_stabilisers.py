@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_ranks, tiny_config
+from conftest import ROOT, run_ranks, tiny_config
 from test_dist import snapshot
 from test_train import assert_same_weights, final_state
 from torch import nn
@@ -126,9 +126,23 @@ def test_spectral_norm_bounds_each_layer_and_keeps_its_vectors_in_the_state_dict
     assert any(key.endswith("_u") for key in D.state_dict())
 
 
+def test_the_augmentation_policy_auto_is_diffaugment_for_images_and_none_for_points():
+    from distgan.config import augment_policy
+
+    assert augment_policy(load_config()) == ["translation", "cutout"]  # the digits recipe, docs/recipes.md
+    assert augment_policy(load_config(None, {"data.source": "ring8", "model.arch": "mlp"})) == []
+    assert augment_policy(load_config(None, {"augment.policy": []})) == []
+    assert augment_policy(load_config(None, {"augment.policy": ["color"]})) == ["color"]
+    for name in ("ring8", "grid25", "celeba64", "synthetic64", "mlp_digits"):  # the recipes that train without
+        cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"), {"data.path": "x"})
+        assert augment_policy(cfg) == [], name
+
+
 def test_bad_stabiliser_settings_are_refused():
-    with pytest.raises(ConfigError, match="augment.policy"):
+    with pytest.raises(ConfigError, match=r"augment.policy': unknown \['colour'\]; choose from auto, color"):
         load_config(None, {"augment.policy": ["colour"]})
+    with pytest.raises(ConfigError, match="auto stands alone"):
+        load_config(None, {"augment.policy": ["auto", "color"]})
     with pytest.raises(ConfigError, match="2-D points"):
         load_config(None, {"data.source": "ring8", "model.arch": "mlp", "augment.policy": ["color"]})
     with pytest.raises(ConfigError, match="model.pack 3 must divide"):
