@@ -147,7 +147,8 @@ def test_a_format_1_checkpoint_resumes_without_augmentation_and_a_changed_key_is
     torch.save(older, checkpoint.path_for(tmp_path / "changed", 10))
     capsys.readouterr()
     train(tiny_config(tmp_path / "changed", **{**PIN, "augment.policy": ["auto"], "train.steps": 12}))
-    assert "changed since the checkpoint: train.steps 20 -> 12, augment.policy [] -> ['auto']" in capsys.readouterr().out
+    changed = "changed since the checkpoint: train.steps 20 -> 12, augment.policy [] -> ['auto']"
+    assert changed in capsys.readouterr().out
 
 
 def test_a_changed_learning_rate_and_beta_take_effect_on_resume(tmp_path):
