@@ -145,6 +145,19 @@ class TrainConfig:
     d_steps: int = option(
         1, "D updates per G update, each on its own real batch and noise (WGAN-style n_critic).", minimum=1
     )
+    topk: float = option(
+        1.0,
+        "Top-k generator updates (Sinha et al. 2020): G's loss uses only the share of its batch that D scores "
+        "highest, decaying from 1 to this share (the paper: 0.5-0.75); 1: off.",
+        above=0.0,
+        maximum=1.0,
+    )
+    topk_halflife_images: float = option(
+        2_000_000.0,
+        "Images over which the top-k share halves on its way down to train.topk (the paper's x0.99 per epoch is "
+        "a half-life of 69 epochs).",
+        above=0.0,
+    )
 
 
 @dataclass

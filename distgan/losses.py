@@ -22,16 +22,18 @@ def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> t
     raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
 
 
-def g_loss(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Generator loss on D's logits of generated samples."""
+def g_loss(kind: str, fake_logits: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Generator loss on D's logits of generated samples: their mean, or with weights the weighted sum."""
     fake = fake_logits.float()
     if kind == "nonsaturating":  # minimise -log D(G(z)): strong gradients while D rejects the fakes
-        return F.softplus(-fake).mean()
-    if kind == "minimax":  # minimise log(1 - D(G(z))), Goodfellow et al.'s original game
-        return -F.softplus(fake).mean()
-    if kind == "hinge":
-        return -fake.mean()
-    raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+        per_sample = F.softplus(-fake)
+    elif kind == "minimax":  # minimise log(1 - D(G(z))), Goodfellow et al.'s original game
+        per_sample = -F.softplus(fake)
+    elif kind == "hinge":
+        per_sample = -fake
+    else:
+        raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
+    return per_sample.mean() if weights is None else (per_sample * weights).sum()
 
 
 def gradient_penalty(logits: torch.Tensor, inputs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -257,7 +257,8 @@ class TrainState:
             pack=cfg.model.pack, r1_gamma=r.r1_gamma, r2_gamma=r.r2_gamma, every=r.every,
             lecam_weight=r.lecam_weight, lecam=LeCamAverages(r.lecam_decay, runtime.device, runtime.mean),
             policy=augment_policy(cfg), ada=ada, seed=cfg.run.seed, batch_size=cfg.train.batch_size,
-            rank_slice=self.data.rank_slice,
+            rank_slice=self.data.rank_slice, topk=cfg.train.topk, topk_halflife=cfg.train.topk_halflife_images,
+            gather=runtime.gather, world=runtime.world,
         )  # fmt: skip
 
     @property

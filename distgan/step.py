@@ -2,12 +2,14 @@
 
 A stabiliser is a part of the step, not a branch of the loop: augmentation transforms whatever D judges (reals
 and fakes, inside the graph), packing reshapes it, the R1/R2 penalties and LeCam are extra terms of D's loss
-(the penalties on every reg.every-th D step, scaled by it). With every stabiliser off the step is the DCGAN
-step: the same operations in the same order as before they existed.
+(the penalties on every reg.every-th D step, scaled by it), top-k keeps the fakes D scores highest in G's
+loss. With every stabiliser off the step is the DCGAN step: the same operations in the same order as before
+they existed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +38,23 @@ class Stabilisers:
     seed: int = 0
     batch_size: int = 0  # the global batch (augmentation draws are made for it and sliced)
     rank_slice: slice = field(default_factory=lambda: slice(None))
+    topk: float = 1.0  # the share of G's batch that its loss keeps in the end (1: all)
+    topk_halflife: float = 2_000_000.0  # images
+    gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # every rank's tensor, in rank order
+    world: int = 1
+
+    def topk_weights(self, logits: torch.Tensor, step: int) -> torch.Tensor | None:
+        """Top-k G updates (Sinha et al. 2020): weights that keep, of the global batch, the k samples (or packs)
+        D scores highest, k / batch decaying from 1 toward self.topk; weighted-summed on each rank and averaged
+        by DDP, they are the mean loss of the global top k. None when off."""
+        if self.topk >= 1.0:
+            return None
+        share = max(self.topk, 0.5 ** ((step - 1) * self.batch_size / self.topk_halflife))
+        scores = logits.detach().float()
+        everyone = self.gather(scores)  # the global batch's scores: the same threshold on every rank
+        k = max(1, round(share * everyone.numel()))
+        threshold = everyone.topk(k).values[-1]
+        return (scores >= threshold).float() * (self.world / k)
 
     def judge(self, D: nn.Module, x: torch.Tensor, step: int, index: int, what: int) -> torch.Tensor:
         """D's logits of samples x (this rank's slice of the global batch): augmented, then packed."""
@@ -120,7 +139,7 @@ def train_step(
     D.requires_grad_(False)
     with precision.autocast():
         fake_logits_after = stab.judge(D, fake, step, len(reals) - 1, augment.FAKE_G)
-    loss_g = g_loss(loss, fake_logits_after)
+    loss_g = g_loss(loss, fake_logits_after, stab.topk_weights(fake_logits_after, step))
     grad_norm_g = precision.backward_and_step("G", loss_g, opt_g)
     D.requires_grad_(True)
 

@@ -100,6 +100,22 @@ def test_ada_raises_p_while_d_is_sure_of_the_reals_and_lowers_it_after():
     assert fixed.p.item() == pytest.approx(0.7)  # DiffAugment: p stays
 
 
+def test_top_k_keeps_the_samples_d_scores_highest_and_its_share_decays_to_the_floor():
+    from distgan.losses import g_loss
+
+    logits = torch.tensor([3.0, -1.0, 2.0, 0.0])
+    stab = Stabilisers(topk=0.5, topk_halflife=8.0, batch_size=4)
+    torch.testing.assert_close(stab.topk_weights(logits, step=1), torch.full((4,), 0.25))  # share 1 at first
+    torch.testing.assert_close(stab.topk_weights(logits, step=2), torch.tensor([1 / 3, 0, 1 / 3, 1 / 3]))  # 0.71
+    weights = stab.topk_weights(logits, step=100)  # the floor: the best 2 of 4
+    torch.testing.assert_close(weights, torch.tensor([0.5, 0.0, 0.5, 0.0]))
+    assert g_loss("hinge", logits, weights).item() == pytest.approx(-2.5)  # -(3 + 2) / 2
+    assert g_loss("nonsaturating", logits, weights).item() == pytest.approx(
+        (math.log1p(math.exp(-3.0)) + math.log1p(math.exp(-2.0))) / 2
+    )
+    assert Stabilisers().topk_weights(logits, step=100) is None  # off: the plain mean
+
+
 def test_pack_joins_consecutive_samples_and_d_takes_them():
     x = torch.arange(12.0).view(6, 2)
     assert torch.equal(pack(x, 3), torch.tensor([[0.0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]]))
@@ -167,9 +183,11 @@ def stabilised_step(runtime: Runtime, rows: slice) -> dict:
     opt_d = torch.optim.SGD(plain(D).parameters(), lr=0.1)
     cpu = torch.device("cpu")
     ada = AdaptiveP(0.5, 0.6, 100.0, 1, 8, cpu, total=runtime.sum, first_rank=runtime.rank == 0)
+    # top-k at step 3: the best 2 of the 4 packs of the global batch, chosen from both ranks' scores
     stab = Stabilisers(
         pack=2, r1_gamma=1.0, r2_gamma=0.5, lecam_weight=0.3, lecam=LeCamAverages(0.9, cpu, runtime.mean),
-        policy=POLICY, ada=ada, seed=5, batch_size=8, rank_slice=rows,
+        policy=POLICY, ada=ada, seed=5, batch_size=8, rank_slice=rows, topk=0.5, topk_halflife=8.0,
+        gather=runtime.gather, world=runtime.world,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     reals = [torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1 for _ in range(2)]
@@ -202,7 +220,8 @@ def test_two_ranks_take_the_same_stabilised_step_as_one(tmp_path):
 EVERYTHING = {
     "model.pack": 2, "model.spectral_norm": True, "reg.r1_gamma": 1.0, "reg.r2_gamma": 0.1, "reg.every": 2,
     "reg.lecam_weight": 0.1, "augment.policy": POLICY, "augment.ada_target": 0.6, "augment.ada_images": 500.0,
-    "augment.ada_every": 1, "train.d_steps": 2, "optim.decay": "linear",
+    "augment.ada_every": 1, "train.d_steps": 2, "optim.decay": "linear", "train.topk": 0.5,
+    "train.topk_halflife_images": 50.0,
 }  # fmt: skip
 
 
