@@ -258,7 +258,7 @@ class TrainState:
             lecam_weight=r.lecam_weight, lecam=LeCamAverages(r.lecam_decay, runtime.device, runtime.mean),
             policy=augment_policy(cfg), ada=ada, seed=cfg.run.seed, batch_size=cfg.train.batch_size,
             rank_slice=self.data.rank_slice, topk=cfg.train.topk, topk_halflife=cfg.train.topk_halflife_images,
-            gather=runtime.gather, world=runtime.world,
+            gather=runtime.gather,
         )  # fmt: skip
 
     @property

@@ -41,7 +41,6 @@ class Stabilisers:
     topk: float = 1.0  # the share of G's batch that its loss keeps in the end (1: all)
     topk_halflife: float = 2_000_000.0  # images
     gather: Callable[[torch.Tensor], torch.Tensor] = lambda t: t  # every rank's tensor, in rank order
-    world: int = 1
 
     def topk_weights(self, logits: torch.Tensor, step: int) -> torch.Tensor | None:
         """Top-k G updates (Sinha et al. 2020): weights that keep, of the global batch, the k samples (or packs)
@@ -54,7 +53,8 @@ class Stabilisers:
         everyone = self.gather(scores)  # the global batch's scores: the same threshold on every rank
         k = max(1, round(share * everyone.numel()))
         threshold = everyone.topk(k).values[-1]
-        return (scores >= threshold).float() * (self.world / k)
+        world = everyone.numel() // scores.numel()  # equal slices on every rank
+        return (scores >= threshold).float() * (world / k)
 
     def judge(self, D: nn.Module, x: torch.Tensor, step: int, index: int, what: int) -> torch.Tensor:
         """D's logits of samples x (this rank's slice of the global batch): augmented, then packed."""

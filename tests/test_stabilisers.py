@@ -187,7 +187,7 @@ def stabilised_step(runtime: Runtime, rows: slice) -> dict:
     stab = Stabilisers(
         pack=2, r1_gamma=1.0, r2_gamma=0.5, lecam_weight=0.3, lecam=LeCamAverages(0.9, cpu, runtime.mean),
         policy=POLICY, ada=ada, seed=5, batch_size=8, rank_slice=rows, topk=0.5, topk_halflife=8.0,
-        gather=runtime.gather, world=runtime.world,
+        gather=runtime.gather,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     reals = [torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1 for _ in range(2)]
