@@ -228,6 +228,7 @@ def _collectives_rank(rank: int, world: int, port: int, config: str, batch_size:
         "train.precision": "fp32",
         "dist.sync_bn": sync_bn,
         "augment.policy": [],  # the traffic of the reference DCGAN step
+        "reg.r1_gamma": 0.0,
     }
     cfg = load_config(config, overrides)
     runtime = Runtime(cfg, batch_size=batch_size)
@@ -389,7 +390,7 @@ def distgan_loop(shards: str, steps: int, precision: str, batch_size: int = 64, 
             "model.ndf": 64, "data.source": "shards", "data.path": shards, "data.workers": workers,
             "train.steps": steps, "train.batch_size": batch_size, "train.precision": precision, "log.every": 5,
             "log.images_every": steps, "log.progress": False, "log.wandb": "disabled", "log.report": False,
-            "checkpoint.every": 0, "eval.every": 0, "augment.policy": [],  # the example's computation
+            "checkpoint.every": 0, "eval.every": 0, "augment.policy": [], "reg.r1_gamma": 0.0,  # the example's step
         }  # fmt: skip
         train_run(load_config(None, overrides))
         rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

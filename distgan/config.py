@@ -84,6 +84,13 @@ class ModelConfig:
         "PacGAN packing: D judges this many samples at once, concatenated (Lin et al. 2018); 1: one sample.",
         minimum=1,
     )
+    latent_codes: int = option(
+        0,
+        "MLP generator: a discrete latent of this many equally likely codes, read from the first noise coordinate, "
+        "each a learned first-layer bias, so G can place disconnected modes with no mass between them "
+        "(Khayatkhoei et al. 2018); 0: off.",
+        minimum=0,
+    )
 
 
 @dataclass
@@ -225,13 +232,14 @@ class LogConfig:
 @dataclass
 class RegConfig:
     r1_gamma: float = option(
-        0.0,
-        "R1 penalty weight: gamma/2 * E||grad_x D(x)||^2 on real samples (Mescheder et al. 2018); 0: off.",
+        1.0,
+        "R1 penalty weight: gamma/2 * E||grad_x D(x)||^2 on real samples (Mescheder et al. 2018); 0: off. The "
+        "default, 1 every 4 D steps, is the digits recipe.",
         minimum=0.0,
     )
     r2_gamma: float = option(0.0, "R2 penalty weight: the same on generated samples; 0: off.", minimum=0.0)
     every: int = option(
-        1, "Lazy regularisation: compute R1/R2 every this many D steps, scaled by it (StyleGAN2: 16).", minimum=1
+        4, "Lazy regularisation: compute R1/R2 every this many D steps, scaled by it (StyleGAN2: 16).", minimum=1
     )
     lecam_weight: float = option(
         0.0,
@@ -407,6 +415,11 @@ def validate(cfg: Config) -> None:
     if not cfg.model.mlp_hidden or min(cfg.model.mlp_hidden) < 1:
         raise ConfigError(f"config key 'model.mlp_hidden' needs positive sizes; got {cfg.model.mlp_hidden}")
     points = is_points(cfg)
+    if cfg.model.latent_codes and (cfg.model.arch != "mlp" or cfg.model.nz < 2):
+        raise ConfigError(
+            f"model.latent_codes {cfg.model.latent_codes} needs model.arch mlp and model.nz >= 2 "
+            f"(got {cfg.model.arch!r}, nz {cfg.model.nz}): the first noise coordinate becomes the code"
+        )
     if points and cfg.model.arch != "mlp":
         raise ConfigError(f"data.source '{cfg.data.source}' holds 2-D points: it needs model.arch mlp")
     if points and cfg.data.hflip:

@@ -66,12 +66,27 @@ class Discriminator(nn.Module):
         return self.net(x).view(-1)
 
 
-class MLPGenerator(nn.Module):
-    """z (B, nz) -> sample of out_shape: Linear + LeakyReLU(0.2) stack; Tanh output for images, linear for points."""
+def latent_code(z: torch.Tensor, codes: int) -> torch.Tensor:
+    """The code (B,) int64 in [0, codes) of standard-normal values z (B,): their normal CDF in `codes` equal bins,
+    so each code has probability 1/codes and the noise stream stays the plain Gaussian one."""
+    cdf = 0.5 * (1.0 + torch.erf(z.float() / math.sqrt(2.0)))
+    return (cdf * codes).long().clamp_(0, codes - 1)
 
-    def __init__(self, nz: int, hidden: list[int], out_shape: tuple[int, ...], tanh: bool = True):
+
+class MLPGenerator(nn.Module):
+    """z (B, nz) -> sample of out_shape: Linear + LeakyReLU(0.2) stack; Tanh output for images, linear for points.
+
+    codes > 0: z[:, 0] becomes a discrete code (`latent_code`) whose learned embedding is added to the first layer's
+    output in place of that coordinate. A continuous map of connected noise must put mass between disconnected
+    modes; a code per region of the data need not (Khayatkhoei et al. 2018, DeLiGAN).
+    """
+
+    def __init__(self, nz: int, hidden: list[int], out_shape: tuple[int, ...], tanh: bool = True, codes: int = 0):
         super().__init__()
-        sizes = [nz, *hidden]
+        self.codes = codes
+        if codes:
+            self.code_embedding = nn.Embedding(codes, hidden[0])
+        sizes = [nz - 1 if codes else nz, *hidden]
         layers: list[nn.Module] = []
         for a, b in pairwise(sizes):
             layers += [nn.Linear(a, b), nn.LeakyReLU(0.2, True)]
@@ -82,7 +97,11 @@ class MLPGenerator(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z.flatten(1)).view(z.shape[0], *self.out_shape)
+        z = z.flatten(1)
+        if not self.codes:
+            return self.net(z).view(z.shape[0], *self.out_shape)
+        h = self.net[0](z[:, 1:]) + self.code_embedding(latent_code(z[:, 0], self.codes)).to(z.dtype)
+        return self.net[1:](h).view(z.shape[0], *self.out_shape)
 
 
 class MLPDiscriminator(nn.Module):
@@ -130,7 +149,7 @@ def build_models(cfg: ModelConfig, points: bool = False) -> tuple[nn.Module, nn.
     if points:
         if cfg.arch != "mlp":
             raise ValueError("2-D points need model.arch mlp")
-        g = MLPGenerator(cfg.nz, cfg.mlp_hidden, (2,), tanh=False)
+        g = MLPGenerator(cfg.nz, cfg.mlp_hidden, (2,), tanh=False, codes=cfg.latent_codes)
         d = MLPDiscriminator((2 * m,), cfg.mlp_hidden[::-1], cfg.mlp_dropout)
     elif cfg.arch == "dcgan":
         g = Generator(cfg.nz, cfg.ngf, cfg.channels, cfg.image_size)
@@ -138,7 +157,7 @@ def build_models(cfg: ModelConfig, points: bool = False) -> tuple[nn.Module, nn.
         g.apply(init_weights)
         d.apply(init_weights)
     elif cfg.arch == "mlp":
-        g = MLPGenerator(cfg.nz, cfg.mlp_hidden, (cfg.channels, cfg.image_size, cfg.image_size))
+        g = MLPGenerator(cfg.nz, cfg.mlp_hidden, (cfg.channels, cfg.image_size, cfg.image_size), codes=cfg.latent_codes)
         d = MLPDiscriminator((cfg.channels * m, cfg.image_size, cfg.image_size), cfg.mlp_hidden[::-1], cfg.mlp_dropout)
     else:
         raise ValueError(f"unknown model.arch {cfg.arch!r}")

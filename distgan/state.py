@@ -51,6 +51,7 @@ FIXED_ON_RESUME = (
     "model.d_batchnorm",
     "model.spectral_norm",
     "model.pack",
+    "model.latent_codes",
     "data.source",
 )
 
@@ -62,9 +63,10 @@ def _from_format_0(state: dict) -> dict:
 
 def _from_format_1(state: dict) -> dict:
     """Format 1 (before the stabilisers): augmentation probability and LeCam averages at their initial values; its
-    run had no augmentation, whatever today's default of augment.policy (auto)."""
+    run had no augmentation and no R1, whatever today's defaults (augment.policy auto, reg.r1_gamma 1)."""
     augment = {"p": 1.0, "policy": [], **state["config"].get("augment", {})}
-    config = {**state["config"], "augment": augment}
+    reg = {"r1_gamma": 0.0, "every": 1, **state["config"].get("reg", {})}
+    config = {**state["config"], "augment": augment, "reg": reg}
     extra = {"augment": {"p": augment["p"], "signs": [0.0, 0.0]}, "lecam": {"values": [0.0, 0.0]}}
     return {**state, "config": config, **extra}
 

@@ -39,6 +39,14 @@ def wandb_env(tmp_path, monkeypatch) -> dict:
     return dict(os.environ)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _fixed_threads_for_shared_fixtures():
+    """The module-scoped fixtures (the pins' straight run, ...) train before any test's own fixture sets the
+    count, so the session sets it first: with OMP_NUM_THREADS=1 they would otherwise train on another count than
+    the tests that resume them."""
+    torch.set_num_threads(2)
+
+
 @pytest.fixture(autouse=True)
 def _fixed_threads():
     """Same thread count in every test: CPU kernels are only bitwise-reproducible at a fixed count."""

@@ -70,6 +70,10 @@ def test_point_sources_and_eval_metric_rules():
         load_config(None, {"data.source": "ring8"})
     with pytest.raises(ConfigError, match="data.hflip mirrors images"):
         load_config(None, {"data.source": "grid25", "model.arch": "mlp", "data.hflip": True})
+    with pytest.raises(ConfigError, match=r"model.latent_codes 8 needs model.arch mlp .*got 'dcgan'"):
+        load_config(None, {"model.latent_codes": 8})
+    with pytest.raises(ConfigError, match=r"model.latent_codes 8 needs .*model.nz >= 2 .*nz 1\)"):
+        load_config(None, {"data.source": "ring8", "model.arch": "mlp", "model.nz": 1, "model.latent_codes": 8})
     with pytest.raises(ConfigError, match=r"'eval.metrics': unknown \['fidd'\]"):
         load_config(None, {"eval.metrics": ["fidd"]})
     with pytest.raises(ConfigError, match="'modes' needs data.source ring8 or grid25"):

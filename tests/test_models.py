@@ -4,7 +4,15 @@ from torch import nn
 
 from distgan.bench import ExampleDiscriminator, ExampleGenerator
 from distgan.config import ModelConfig
-from distgan.models import Discriminator, Generator, MLPDiscriminator, MLPGenerator, build_models, init_weights
+from distgan.models import (
+    Discriminator,
+    Generator,
+    MLPDiscriminator,
+    MLPGenerator,
+    build_models,
+    init_weights,
+    latent_code,
+)
 
 
 def count(module: nn.Module) -> int:
@@ -76,6 +84,33 @@ def test_mlp_gan_images_and_points():
     points = MLPGenerator(2, [64, 64], (2,), tanh=False)(torch.randn(7, 2) * 100)
     assert points.shape == (7, 2) and points.abs().max() > 1  # no tanh: points may lie outside [-1, 1]
     assert MLPDiscriminator((2,), [64, 64])(points).shape == (7,)
+
+
+def test_latent_codes_are_equally_likely_bins_of_the_first_coordinate():
+    z = torch.tensor([-10.0, -0.6745, -0.6744, 0.0, 0.6744, 0.6745, 10.0])  # quartiles of N(0, 1): +-0.67449
+    assert latent_code(z, 4).tolist() == [0, 0, 1, 2, 2, 3, 3]
+    counts = torch.bincount(latent_code(torch.randn(80_000, generator=torch.Generator().manual_seed(0)), 8))
+    assert counts.shape == (8,) and (counts - 10_000).abs().max() < 400  # 4 binomial std
+
+
+def test_mlp_generator_with_codes_reads_the_code_from_the_first_coordinate():
+    torch.manual_seed(0)
+    G = MLPGenerator(4, [16, 16], (2,), tanh=False, codes=8)
+    assert G.net[0].in_features == 3 and G.code_embedding.weight.shape == (8, 16)
+    z = torch.randn(6, 4)
+    same_code = z.clone()
+    same_code[:, 0] += 1e-4  # the same bins
+    assert (latent_code(same_code[:, 0], 8) == latent_code(z[:, 0], 8)).all()
+    assert torch.equal(G(same_code), G(z))  # the coordinate counts only through its code
+    other = z.clone()
+    other[:, 0] = -z[:, 0] + 5.0  # other codes: another first-layer bias
+    assert not torch.allclose(G(other), G(z))
+    (G(z) ** 2).sum().backward()
+    assert G.code_embedding.weight.grad.abs().sum() > 0  # the codes' biases learn
+    G, _ = build_models(ModelConfig(arch="mlp", nz=16, mlp_hidden=[32, 32], latent_codes=25), points=True)
+    assert G.codes == 25 and G(torch.randn(3, 16)).shape == (3, 2)
+    plain = build_models(ModelConfig(arch="mlp", nz=16, mlp_hidden=[32, 32]), points=True)[0]
+    assert "code_embedding.weight" not in plain.state_dict()  # off: the state dict of before
 
 
 def test_build_models_from_config():

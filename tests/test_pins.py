@@ -32,6 +32,7 @@ PIN = {
     "log.every": 5,
     "log.images_every": 20,
     "augment.policy": [],  # the digests predate the augmented default
+    "reg.r1_gamma": 0.0,  # and its lazy R1
 }
 ONE_PROCESS = "b9ea6922ed7f61539858629b5f5a04ddf5253c5c4758364b0c344f220e7f0a75"
 TWO_PROCESSES = "914255987bb21b38d52367f13c60409f46fa07cc3fef8a7d2050b20f034102d1"
@@ -139,15 +140,18 @@ def test_a_format_1_checkpoint_resumes_without_augmentation_and_a_changed_key_is
     state = checkpoint.load(checkpoint.path_for(straight, 10))
     config = {k: v for k, v in state["config"].items() if k not in ("augment", "reg")}
     older = {k: v for k, v in state.items() if k not in ("augment", "lecam")} | {"format": 1, "config": config}
-    assert upgrade(older, "old.pt")["config"]["augment"]["policy"] == []
+    upgraded = upgrade(older, "old.pt")["config"]
+    assert upgraded["augment"]["policy"] == [] and (upgraded["reg"]["r1_gamma"], upgraded["reg"]["every"]) == (0, 1)
     assert digest(checkpoint.load(checkpoint.path_for(resume_from(tmp_path / "old", older), 20))) == final_digest(
         straight
     )
     (tmp_path / "changed" / "checkpoints").mkdir(parents=True)
     torch.save(older, checkpoint.path_for(tmp_path / "changed", 10))
     capsys.readouterr()
-    train(tiny_config(tmp_path / "changed", **{**PIN, "augment.policy": ["auto"], "train.steps": 12}))
-    changed = "changed since the checkpoint: train.steps 20 -> 12, augment.policy [] -> ['auto']"
+    latest = {"augment.policy": ["auto"], "reg.r1_gamma": 1.0}  # today's defaults
+    train(tiny_config(tmp_path / "changed", **{**PIN, **latest, "train.steps": 12}))
+    changed = "changed since the checkpoint: train.steps 20 -> 12, reg.r1_gamma 0.0 -> 1.0, reg.every 1 -> 4, "
+    changed += "augment.policy [] -> ['auto']"
     assert changed in capsys.readouterr().out
 
 

@@ -146,12 +146,14 @@ def test_the_augmentation_policy_auto_is_diffaugment_for_images_and_none_for_poi
     from distgan.config import augment_policy
 
     assert augment_policy(load_config()) == ["translation", "cutout"]  # the digits recipe, docs/recipes.md
+    assert (load_config().reg.r1_gamma, load_config().reg.every) == (1.0, 4)  # and its lazy R1
     assert augment_policy(load_config(None, {"data.source": "ring8", "model.arch": "mlp"})) == []
     assert augment_policy(load_config(None, {"augment.policy": []})) == []
     assert augment_policy(load_config(None, {"augment.policy": ["color"]})) == ["color"]
     for name in ("ring8", "grid25", "celeba64", "synthetic64", "mlp_digits"):  # the recipes that train without
         cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"), {"data.path": "x"})
         assert augment_policy(cfg) == [], name
+        assert cfg.reg.r1_gamma == (0.1 if name in ("ring8", "grid25") else 0.0), name  # R1: the digits default's
 
 
 def test_bad_stabiliser_settings_are_refused():
