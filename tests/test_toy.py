@@ -165,3 +165,23 @@ def colours(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     reddish = (pixels[:, 0] > 150) & (pixels[:, 1] < 120) & (pixels[:, 2] < 120)
     bluish = (pixels[:, 2] > 150) & (pixels[:, 0] < 150)
     return white, reddish, bluish
+
+
+def test_a_point_run_with_latent_codes_checkpoints_its_codes_and_resumes_bitwise(tmp_path, capsys):
+    import shutil
+
+    from distgan import checkpoint
+    from distgan.train import train
+
+    keys = {"model.latent_codes": 8, "model.mlp_hidden": [16, 16], "model.pack": 2}
+    train(point_config(tmp_path / "straight", **keys))
+    straight = checkpoint.load(checkpoint.path_for(tmp_path / "straight", 6))
+    assert straight["G"]["code_embedding.weight"].shape == (8, 16)
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint.path_for(tmp_path / "straight", 4), checkpoint.path_for(tmp_path / "resumed", 4))
+    capsys.readouterr()
+    train(point_config(tmp_path / "resumed", **keys))
+    assert "at step 4" in capsys.readouterr().out  # resumed, not trained again from step 0
+    resumed = checkpoint.load(checkpoint.path_for(tmp_path / "resumed", 6))
+    for net in ("G", "D", "G_ema"):
+        assert all(torch.equal(resumed[net][k], v) for k, v in straight[net].items()), net
