@@ -127,11 +127,12 @@ def test_pack_joins_consecutive_samples_and_d_takes_them():
 
 
 def test_spectral_norm_bounds_each_layer_and_keeps_its_vectors_in_the_state_dict():
+    torch.manual_seed(0)  # the weights and inputs, so the test does not depend on what ran before it
     cfg = load_config(None, {"model.spectral_norm": True, "model.d_batchnorm": False, "model.ndf": 8})
     _, D = build_models(cfg.model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in D.modules())
     D.train()
-    for _ in range(20):  # power iterations, one per training forward
+    for _ in range(50):  # power iterations, one per training forward
         D(torch.randn(2, 1, 32, 32))
     D.eval()
     for layer in D.modules():
@@ -153,7 +154,7 @@ def test_the_augmentation_policy_auto_is_diffaugment_for_images_and_none_for_poi
     for name in ("ring8", "grid25", "celeba64", "synthetic64", "mlp_digits"):  # the recipes that train without
         cfg = load_config(str(ROOT / "configs" / f"{name}.yaml"), {"data.path": "x"})
         assert augment_policy(cfg) == [], name
-        assert cfg.reg.r1_gamma == (0.1 if name in ("ring8", "grid25") else 0.0), name  # R1: the digits default's
+        assert cfg.reg.r1_gamma == (0.1 if name == "ring8" else 0.0), name  # R1: the digits default's
 
 
 def test_bad_stabiliser_settings_are_refused():
