@@ -18,7 +18,25 @@ def _num_upsamplings(image_size: int) -> int:
     return n
 
 
-class Generator(nn.Module):
+class Sampling:
+    """Seeded samples of a generator: what `distgan.sample` writes and what an exported generator offers."""
+
+    nz: int
+
+    def sample(self, n: int, classes: torch.Tensor | None = None, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+        """n samples on the CPU, (n, C, H, W) images in [-1, 1] or (n, 2) points, of the latent vectors
+        torch.randn(n, nz) draws from a generator seeded with seed; in eval mode, batch_size at a time."""
+        if classes is not None:
+            raise ValueError("this generator is unconditional: it takes no classes")
+        return self.sample_from(torch.randn(n, self.nz, generator=torch.Generator().manual_seed(seed)), batch_size)
+
+    def sample_from(self, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """The outputs for the latent vectors z (N, nz), on the CPU, in eval mode, batch_size at a time."""
+        device = next(self.parameters()).device
+        return torch.cat([generate(self, chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
+
+
+class Generator(Sampling, nn.Module):
     """z (B, nz) -> image (B, C, S, S) in [-1, 1]: a 4x4 projection, then stride-2 transposed convolutions."""
 
     def __init__(self, nz: int = 100, ngf: int = 64, channels: int = 3, image_size: int = 64):
@@ -73,7 +91,7 @@ def latent_code(z: torch.Tensor, codes: int) -> torch.Tensor:
     return (cdf * codes).long().clamp_(0, codes - 1)
 
 
-class MLPGenerator(nn.Module):
+class MLPGenerator(Sampling, nn.Module):
     """z (B, nz) -> sample of out_shape: Linear + LeakyReLU(0.2) stack; Tanh output for images, linear for points.
 
     codes > 0: z[:, 0] becomes a discrete code (`latent_code`) whose learned embedding is added to the first layer's
@@ -83,7 +101,7 @@ class MLPGenerator(nn.Module):
 
     def __init__(self, nz: int, hidden: list[int], out_shape: tuple[int, ...], tanh: bool = True, codes: int = 0):
         super().__init__()
-        self.codes = codes
+        self.nz, self.codes = nz, codes
         if codes:
             self.code_embedding = nn.Embedding(codes, hidden[0])
         sizes = [nz - 1 if codes else nz, *hidden]

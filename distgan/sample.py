@@ -1,7 +1,8 @@
-"""Draw samples from a checkpoint's generator (G_ema by default).
+"""Draw samples from a checkpoint's generator (G_ema by default), or from a generator file that distgan.export wrote.
 
     python -m distgan.sample --checkpoint FILE --num N --out FILE.png|FILE.npz [--seed S] [--ema true|false]
                              [--interpolate STEPS] [--batch_size B]
+    python -m distgan.sample --generator G.safetensors --num N --out FILE.png|FILE.npz [--seed S] ...
 
 Image models: PNG writes one grid of N images; npz one uint8 array `images` of shape (N, H, W, C).
 --interpolate STEPS: N rows of STEPS images each, walking the latent sphere (slerp) from one random latent
@@ -23,31 +24,23 @@ import torch
 
 from distgan.config import ConfigError, first_line, flag, is_points, run_command
 from distgan.dist import Runtime
+from distgan.export import read_generator
 from distgan.files import atomic_write
 from distgan.grid import make_grid, save_png
-from distgan.models import generate
 from distgan.state import load_models
 
 FORMATS = (".png", ".npz")
 
 
-def load_generator(path: str | Path, device: str | torch.device = "auto", ema: bool = True):
-    """The generator of a checkpoint (G_ema unless ema is False or it has none), in eval mode, its config and its
-    name; on device (auto: the checkpoint's run.device, which is CUDA when available unless it says cpu)."""
-    cfg, G, _, which = load_models(path, ema)
+def load_generator(path: str | Path, device: str | torch.device = "auto", ema: bool = True, exported: bool = False):
+    """The generator of a checkpoint (G_ema unless ema is False or it has none), or of an exported generator file,
+    in eval mode, its config and its name; on device (auto: run.device, CUDA when available unless it says cpu)."""
+    if exported:
+        G, cfg, which = read_generator(path)
+    else:
+        cfg, G, _, which = load_models(path, ema)
     device = Runtime.single(cfg.run.device).device if device == "auto" else device
     return G.to(device).eval(), cfg, which
-
-
-def sample(G: torch.nn.Module, nz: int, num: int, seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """num samples, (num, C, H, W) images in [-1, 1] or (num, 2) points, from seeded latent vectors."""
-    return generate_from(G, torch.randn(num, nz, generator=torch.Generator().manual_seed(seed)), batch_size)
-
-
-def generate_from(G: torch.nn.Module, z: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """G's outputs for the latent vectors z (N, nz), in batches, on the CPU."""
-    device = next(G.parameters()).device
-    return torch.cat([generate(G, chunk.to(device)).float().cpu() for chunk in z.split(batch_size)])
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, steps: int) -> torch.Tensor:
@@ -75,19 +68,26 @@ def to_uint8_nhwc(images: torch.Tensor) -> np.ndarray:
 
 
 def main(
-    checkpoint: str,
+    checkpoint: str | None = None,
     num: int = 64,
     out: str = "samples.png",
     seed: int = 0,
     batch_size: int = 256,
     ema: bool = True,
     interpolate: int = 0,
+    generator: str | None = None,
 ) -> None:
-    """Write samples of the checkpoint's generator to out (see the module docstring).
+    """Write samples of the checkpoint's (or the exported generator file's) generator to out (see the module
+    docstring).
 
-    Every argument is checked before the checkpoint is loaded or anything is written (ConfigError otherwise).
+    Every argument is checked before the generator is loaded or anything is written (ConfigError otherwise).
     """
-    checkpoint, out = _file_name(checkpoint, "checkpoint"), _file_name(out, "out")
+    if checkpoint is None and generator is None:
+        raise ConfigError("--checkpoint is required (or --generator, a file that distgan.export wrote)")
+    if checkpoint is not None and generator is not None:
+        raise ConfigError("give --checkpoint or --generator, not both")
+    name = "checkpoint" if generator is None else "generator"
+    source, out = _file_name(checkpoint if generator is None else generator, name), _file_name(out, "out")
     num, seed = _whole(num, "num", 1), _whole(seed, "seed", 0, 2**64 - 1)
     batch_size, interpolate = _whole(batch_size, "batch_size", 1), _whole(interpolate, "interpolate", 0)
     out_path, ema = Path(out), flag(ema, "ema")
@@ -97,25 +97,27 @@ def main(
         raise ConfigError(f"--out {out}: the folder {out_path.parent} does not exist")
     if out_path.is_dir():
         raise ConfigError(f"--out {out} is a folder")
-    if not Path(checkpoint).is_file():
-        raise ConfigError(f"checkpoint not found: {checkpoint}")
+    if generator is not None and not ema:
+        raise ConfigError("--ema false picks G in a checkpoint; an exported file holds one generator")
+    if not Path(source).is_file():
+        raise ConfigError(f"{name} not found: {source}")
     if interpolate == 1:
         raise ConfigError(f"--interpolate needs at least 2 steps (0: no interpolation); got {interpolate}")
     try:
-        G, cfg, which = load_generator(checkpoint, "auto", ema)
+        G, cfg, which = load_generator(source, "auto", ema, generator is not None)
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"cannot load checkpoint {checkpoint}: {first_line(e)}") from None
+        raise ConfigError(f"cannot load {name} {source}: {first_line(e)}") from None
     points = is_points(cfg)
     if interpolate and points:
-        raise ConfigError("--interpolate draws image grids; this checkpoint's model generates 2-D points")
+        raise ConfigError("--interpolate draws image grids; this generator draws 2-D points")
     if interpolate:
         ends = torch.randn(2, num, cfg.model.nz, generator=torch.Generator().manual_seed(seed))
         z = slerp(ends[0], ends[1], interpolate).flatten(0, 1)  # (num * steps, nz), row by row
-        samples, per_row = generate_from(G, z, batch_size), interpolate
+        samples, per_row = G.sample_from(z, batch_size), interpolate
     else:
-        samples, per_row = sample(G, cfg.model.nz, num, seed, batch_size), math.ceil(math.sqrt(num))
+        samples, per_row = G.sample(num, seed=seed, batch_size=batch_size), math.ceil(math.sqrt(num))
     if points and out_path.suffix == ".npz":
         atomic_write(out_path, lambda f: np.savez(f, samples=samples.numpy().astype(np.float32)))
     elif points:

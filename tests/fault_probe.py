@@ -236,6 +236,8 @@ def clis(work: Path) -> None:
         ("distgan.sample", newest, "--out", str(work / "s.png"), "--bogus", "1"),
         ("distgan.sample", newest, "--out", str(work / "s.png"), "--num", "abc"),
         ("distgan.sample", newest, "--out", str(work / "missing" / "s.png")),
+        ("distgan.sample", "--generator", newest, "--out", str(work / "s.png")),
+        ("distgan.export", "--checkpoint", newest, "--out", str(work / "G.pt")),
         ("distgan.eval", "--checkpoint", newest, "--metrics=fgsm", "--nmu=3"),
         ("distgan.report", str(run_dir), "--bogus=1"),
         ("distgan.data.prepare", str(work / "nothing"), str(work / "out"), "--size=8"),

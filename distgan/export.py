@@ -1,0 +1,117 @@
+"""Export a trained generator to a safetensors file, and load one back without distgan's checkpoints.
+
+    python -m distgan.export --checkpoint FILE --out G.safetensors [--ema true|false]
+
+The file holds G_ema's weights (G's with --ema=false, or when the checkpoint has no G_ema) and, in its
+metadata, what rebuilds the network: the model config and the data source (images or 2-D points). safetensors
+stores tensors and strings only, so loading it runs no code. In Python:
+
+    import distgan
+    G = distgan.load_generator("G.safetensors")  # a plain nn.Module, in eval mode, on the CPU
+    images = G.sample(64)  # (64, C, H, W) in [-1, 1]; seed=0: what `distgan.sample --seed 0` draws
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from distgan import __version__
+from distgan.config import ConfigError, first_line, flag, from_dict, is_points, run_command, to_dict
+from distgan.files import atomic_write
+from distgan.models import build_models
+from distgan.state import load_models
+
+FORMAT = "distgan.generator/1"  # metadata["format"]; a new layout gets a new number
+
+
+class NotAGenerator(ConfigError):
+    """A file that is not a distgan generator, or whose metadata does not describe its tensors."""
+
+
+def export(checkpoint: str | Path, out: str | Path, ema: bool = True) -> str:
+    """Write the checkpoint's generator (G_ema unless ema is False or it has none) to out, atomically; its name."""
+    cfg, G, _, which = load_models(checkpoint, ema)
+    metadata = {
+        "format": FORMAT,
+        "model": json.dumps(to_dict(cfg)["model"]),
+        "data_source": cfg.data.source,
+        "weights": which,
+        "distgan_version": __version__,
+    }
+    tensors = {name: t.detach().contiguous() for name, t in G.state_dict().items()}
+    blob = save(tensors, metadata)
+    atomic_write(Path(out), lambda f: f.write(blob))
+    return which
+
+
+def read_generator(path: str | Path):
+    """The generator in a file written by export (eval mode, CPU), the config it was built from (model and
+    data.source; the rest defaults) and the name of its weights. Raises NotAGenerator in one line otherwise."""
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04":  # a zip: torch's checkpoint format
+            raise NotAGenerator(f"{path} is a checkpoint, not an exported generator (distgan.export writes one)")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except SafetensorError as e:
+        raise NotAGenerator(f"{path} is not a safetensors file ({first_line(e)})") from None
+    if metadata.get("format") != FORMAT:
+        found = f"format {metadata['format']!r}" if "format" in metadata else "no distgan metadata"
+        raise NotAGenerator(f"{path} is not a distgan generator ({found}; expected format {FORMAT!r})")
+    try:
+        cfg = from_dict({"model": json.loads(metadata["model"]), "data": {"source": metadata["data_source"]}})
+        G, _ = build_models(cfg.model, points=is_points(cfg))
+    except Exception as e:
+        raise NotAGenerator(f"{path}: its metadata does not describe a distgan generator ({first_line(e)})") from None
+    mismatch = _mismatch(G.state_dict(), tensors)
+    if mismatch:
+        raise NotAGenerator(f"{path}: its tensors do not match its metadata ({mismatch})")
+    G.load_state_dict(tensors)
+    return G.eval(), cfg, metadata.get("weights", "G")
+
+
+def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The generator of an exported file: a plain nn.Module in eval mode on device, with
+    `sample(n, classes=None, seed=0)`. A file that is not one is refused with NotAGenerator (one line)."""
+    return read_generator(path)[0].to(device)
+
+
+def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What differs between the tensors a model needs and those a file holds ('' when they match)."""
+    parts = [f"missing {k}" for k in expected if k not in found]
+    parts += [f"unexpected {k}" for k in found if k not in expected]
+    parts += [f"{k} is {list(t.shape)}, the model's {list(expected[k].shape)}"
+              for k, t in found.items() if k in expected and t.shape != expected[k].shape]  # fmt: skip
+    return "; ".join(parts[:4]) + ("; ..." if len(parts) > 4 else "")
+
+
+def main(checkpoint: str, out: str, ema: bool = True) -> None:
+    """Write the checkpoint's generator to out (see the module docstring); arguments are checked first."""
+    out_path, ema = Path(str(out)), flag(ema, "ema")
+    if out_path.suffix != ".safetensors":
+        raise ConfigError(f"--out must end in .safetensors; got {out}")
+    if not out_path.parent.is_dir():
+        raise ConfigError(f"--out {out}: the folder {out_path.parent} does not exist")
+    if not Path(str(checkpoint)).is_file():
+        raise ConfigError(f"checkpoint not found: {checkpoint}")
+    try:
+        which = export(str(checkpoint), out_path, ema)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"cannot load checkpoint {checkpoint}: {first_line(e)}") from None
+    print(f"wrote {which} of {checkpoint} to {out_path}")
+
+
+def cli(argv: list[str] | None = None) -> None:
+    run_command(main, "distgan.export", sys.argv[1:] if argv is None else argv, usage=__doc__)
+
+
+if __name__ == "__main__":
+    cli()
