@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from distgan import __version__
-from distgan.config import ConfigError, first_line, flag, from_dict, is_points, run_command, to_dict
+from distgan.config import Config, ConfigError, first_line, flag, from_dict, is_points, run_command, to_dict
 from distgan.files import atomic_write
 from distgan.models import build_models
 from distgan.state import load_models
@@ -37,6 +37,11 @@ class NotAGenerator(ConfigError):
 def export(checkpoint: str | Path, out: str | Path, ema: bool = True) -> str:
     """Write the checkpoint's generator (G_ema unless ema is False or it has none) to out, atomically; its name."""
     cfg, G, _, which = load_models(checkpoint, ema)
+    return write_generator(out, cfg, G, which)
+
+
+def write_generator(out: str | Path, cfg: Config, G: torch.nn.Module, which: str) -> str:
+    """Write G's tensors and what rebuilds it (FORMAT) to out, atomically (an OSError leaves no partial file)."""
     metadata = {
         "format": FORMAT,
         "model": json.dumps(to_dict(cfg)["model"]),
@@ -44,8 +49,7 @@ def export(checkpoint: str | Path, out: str | Path, ema: bool = True) -> str:
         "weights": which,
         "distgan_version": __version__,
     }
-    tensors = {name: t.detach().contiguous() for name, t in G.state_dict().items()}
-    blob = save(tensors, metadata)
+    blob = save({name: t.detach().contiguous() for name, t in G.state_dict().items()}, metadata)
     atomic_write(Path(out), lambda f: f.write(blob))
     return which
 
@@ -98,14 +102,21 @@ def main(checkpoint: str, out: str, ema: bool = True) -> None:
         raise ConfigError(f"--out must end in .safetensors; got {out}")
     if not out_path.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out_path.parent} does not exist")
+    if out_path.is_dir():
+        raise ConfigError(f"--out {out} is a folder")
     if not Path(str(checkpoint)).is_file():
         raise ConfigError(f"checkpoint not found: {checkpoint}")
     try:
-        which = export(str(checkpoint), out_path, ema)
+        cfg, G, _, which = load_models(str(checkpoint), ema)
     except ConfigError:
         raise
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {checkpoint}: {first_line(e)}") from None
+    try:
+        write_generator(out_path, cfg, G, which)
+    except OSError as e:  # a full or read-only disk: not bad input (exit 1), and no partial file is left
+        print(f"distgan: error: could not write {out_path}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
     print(f"wrote {which} of {checkpoint} to {out_path}")
 
 

@@ -158,3 +158,21 @@ def test_sample_takes_a_checkpoint_or_a_generator_file_not_both(digits_checkpoin
         result = run_cli("distgan.sample", *args, "--out", "s.png", cwd=tmp_path)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["G.safetensors"]
+
+
+def test_a_disk_that_refuses_the_file_exits_1_in_one_line(digits_checkpoint, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from distgan import export as exporting
+
+    def full_disk(path, write, durable=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(exporting, "atomic_write", full_disk)  # a full disk, in-process (no tmpfs mount needed)
+    with pytest.raises(SystemExit) as stopped:
+        exporting.cli(["--checkpoint", str(digits_checkpoint), "--out", str(tmp_path / "G.safetensors")])
+    assert stopped.value.code == 1
+    assert (
+        capsys.readouterr().err
+        == f"distgan: error: could not write {tmp_path / 'G.safetensors'}: No space left on device\n"
+    )
