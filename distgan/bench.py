@@ -103,7 +103,7 @@ def _shard_batches(path: str, size: int, batch_size: int, workers: int) -> Itera
 
     stream = ShardBatches(resolve(path), batch_size, 0, 0, 1, size, 3, workers=workers)
     while True:
-        yield to_model_input(next(stream), torch.device("cpu"))  # the same [-1, 1] floats as Normalize gives
+        yield to_model_input(next(stream).samples, torch.device("cpu"))  # the same [-1, 1] floats as Normalize gives
 
 
 def data(

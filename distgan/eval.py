@@ -312,7 +312,7 @@ def main(
         from distgan.data import build_source, to_model_input
 
         cfg.train.batch_size = math.ceil(cfg.train.batch_size / runtime.world) * runtime.world
-        real = to_model_input(next(build_source(cfg, runtime.rank, runtime.world)), runtime.device)
+        real = to_model_input(next(build_source(cfg, runtime.rank, runtime.world)).samples, runtime.device)
     results = evaluator(G, D, real)
     if runtime.is_main:
         print(f"{checkpoint} ({which}, {cfg.eval.num_samples} samples):")

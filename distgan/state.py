@@ -356,7 +356,7 @@ class TrainState:
             fetch_start = time.perf_counter()
             batch = next(self.data)
             waited += time.perf_counter() - fetch_start
-            real = to_model_input(batch, device)
+            real = to_model_input(batch.samples, device)
             if cfg.train.channels_last and real.dim() == 4:
                 real = real.contiguous(memory_format=torch.channels_last)
             if cfg.data.hflip:

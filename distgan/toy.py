@@ -73,13 +73,16 @@ class PointSet:
     def __init__(self, name: str, num_samples: int, seed: int = 0):
         self.name, self.seed = name, seed
         self.points = sample_mixture(name, num_samples, rng.generator(seed, POINTS))  # (N, 2)
+        modes = mixture(name).centres.shape[0]
+        self.modes = torch.arange(num_samples) % modes  # (N,) the mode each point was drawn from: its class
+        self.classes = [str(k) for k in range(modes)]
 
     def __len__(self) -> int:
         return self.points.shape[0]
 
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """float32 points (len(indices), 2), and 0 (nothing is ever unreadable)."""
-        return self.points[indices], 0
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """float32 points (len(indices), 2), their modes, and 0 (nothing is ever unreadable)."""
+        return self.points[indices], self.modes[indices], 0
 
 
 @torch.no_grad()

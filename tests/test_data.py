@@ -34,13 +34,18 @@ def test_synthetic_is_deterministic_per_index_and_seed():
 
 
 def numbered(n: int) -> TensorImages:
-    """Images whose single pixel is their own index, to trace the sample order."""
-    return TensorImages(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1))
+    """Images whose single pixel is their own index, to trace the sample order; labelled index % 3."""
+    return TensorImages(torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1), torch.arange(n) % 3, ["a", "b", "c"])
+
+
+def same(a, b) -> bool:
+    """Two Batches hold the same samples with the same labels."""
+    return torch.equal(a.samples, b.samples) and torch.equal(a.labels, b.labels)
 
 
 def test_each_epoch_is_a_permutation_and_epochs_differ():
     stream = IndexedBatches(numbered(50), batch_size=10, seed=0)
-    epochs = [torch.cat([next(stream) for _ in range(5)]).flatten() for _ in range(2)]
+    epochs = [torch.cat([next(stream).samples for _ in range(5)]).flatten() for _ in range(2)]
     for seen in epochs:
         assert sorted(seen.tolist()) == list(range(50))
     assert not torch.equal(epochs[0], epochs[1])
@@ -48,7 +53,7 @@ def test_each_epoch_is_a_permutation_and_epochs_differ():
 
 def test_batches_span_epoch_boundaries():
     stream = IndexedBatches(numbered(7), batch_size=5, seed=3)
-    seen = torch.cat([next(stream) for _ in range(7)]).flatten().tolist()  # 35 images = 5 epochs
+    seen = torch.cat([next(stream).samples for _ in range(7)]).flatten().tolist()  # 35 images = 5 epochs
     for epoch in range(5):
         assert sorted(seen[epoch * 7 : (epoch + 1) * 7]) == list(range(7))
 
@@ -62,19 +67,53 @@ def test_resume_from_state_continues_the_same_stream():
     resumed = IndexedBatches(numbered(30), batch_size=8, seed=4)
     resumed.load_state_dict(first.state_dict())
     for want in expected[4:]:
-        assert torch.equal(next(resumed), want)
+        assert same(next(resumed), want)
 
 
 def test_ranks_take_slices_of_the_same_global_batch():
     single = IndexedBatches(numbered(40), batch_size=8, seed=5)
     ranks = [IndexedBatches(numbered(40), batch_size=8, seed=5, rank=r, world_size=2) for r in range(2)]
     for _ in range(12):
-        assert torch.equal(next(single), torch.cat([next(r) for r in ranks]))
+        parts = [next(r) for r in ranks]
+        batch = next(single)
+        assert torch.equal(batch.samples, torch.cat([p.samples for p in parts]))
+        assert torch.equal(batch.labels, torch.cat([p.labels for p in parts]))
+
+
+def test_labels_travel_with_their_images():
+    stream = IndexedBatches(numbered(30), batch_size=8, seed=6)
+    assert stream.classes == ["a", "b", "c"]
+    for _ in range(5):  # across an epoch boundary
+        images, labels = next(stream)
+        assert labels.dtype == torch.long and torch.equal(labels, images.flatten().long() % 3)
+
+
+def test_the_digits_come_with_their_labels(tmp_path):
+    from conftest import tiny_config
+
+    from distgan.data.sources import digits_set
+
+    digits = digits_set(32)
+    assert torch.equal(digits.images, load_digits(32)) and digits.classes == [str(i) for i in range(10)]
+    assert torch.equal(digits.labels, torch.from_numpy(digits_arrays()[1]).long())
+    stream = build_source(tiny_config(tmp_path))
+    assert stream.classes == digits.classes
+    order = stream.order.batch(0)[stream.rank_slice]
+    images, labels = next(stream)
+    assert torch.equal(images, digits.images[order]) and torch.equal(labels, digits.labels[order])
+
+
+def test_sources_without_classes_label_every_sample_no_class():
+    from distgan.data.indexed import NO_CLASS
+
+    _, labels, skipped = SyntheticImages(10, 32, 1).get(torch.arange(4))
+    assert SyntheticImages.classes is None and labels.tolist() == [NO_CLASS] * 4 and skipped == 0
+    assert TensorImages(torch.zeros(3, 1, 2, 2, dtype=torch.uint8)).get(torch.arange(3))[1].tolist() == [NO_CLASS] * 3
 
 
 def test_build_source_yields_rank_batches(tmp_path):
     from conftest import tiny_config
 
     cfg = tiny_config(tmp_path, **{"data.source": "synthetic", "model.channels": 3, "data.num_samples": 50})
-    batch = next(build_source(cfg))
-    assert batch.shape == (16, 3, 32, 32) and batch.dtype == torch.uint8
+    batch, labels = next(build_source(cfg))
+    assert batch.shape == (16, 3, 32, 32) and batch.dtype == torch.uint8 and labels.shape == (16,)

@@ -102,7 +102,7 @@ def test_batches_for_a_gpu_are_page_locked(tmp_path, source):
 
     folder = {"data.path": str(write_index_pngs(tmp_path / "images" / "a", 40).parent), "model.channels": 3}
     cfg = tiny_config(tmp_path / "run", **{"data.source": source, **(folder if source == "folder" else {})})
-    assert next(build_source(cfg, pin_memory=True, workers=1)).is_pinned()
+    assert all(t.is_pinned() for t in next(build_source(cfg, pin_memory=True, workers=1)))
 
 
 def _count_two_ranks(rank: int, world_size: int, run_dir: str, steps: int) -> int:

@@ -1,3 +1,4 @@
+import io
 import json
 import tarfile
 
@@ -21,7 +22,7 @@ def indexed_shards(tmp_path_factory):
 
 
 def take(stream, n: int) -> list[torch.Tensor]:
-    return [next(stream) for _ in range(n)]
+    return [next(stream).samples for _ in range(n)]
 
 
 def test_two_ranks_two_workers_cover_each_epoch_exactly_once(indexed_shards):
@@ -204,3 +205,64 @@ def test_cli_errors_exit_2(tmp_path):
     assert not (tmp_path / "r" / "checkpoints").exists()
     with pytest.raises(ConfigError, match="data.source 'folder' needs data.path"):
         load_config(None, {"data.source": "folder"})
+
+
+def write_two_classes(root, per_class: int = 12):
+    """cats/ and dogs/: PNGs whose colour encodes a global index, cats 0..per_class-1 and dogs after them."""
+    for c, name in enumerate(["cats", "dogs"]):
+        (root / name).mkdir(parents=True)
+        for i in range(c * per_class, (c + 1) * per_class):
+            Image.new("RGB", (8, 8), (i, 0, 7)).save(root / name / f"{i:05d}.png")
+    return root
+
+
+def test_shards_carry_each_images_class(tmp_path):
+    prepare(str(write_two_classes(tmp_path / "src")), str(tmp_path / "shards"), size=8, format="png",
+            shard_size=6, progress=False)  # fmt: skip
+    shard_set = resolve(str(tmp_path / "shards"))
+    assert shard_set.classes == ["cats", "dogs"]
+    for workers in (0, 2):
+        stream = ShardBatches(shard_set, 6, 0, 0, 1, 8, 3, workers=workers, buffer=4)
+        assert stream.classes == ["cats", "dogs"]
+        batches = [next(stream) for _ in range(8)]  # two epochs
+        labels = torch.cat([b.labels for b in batches])
+        assert labels.dtype == torch.long and set(labels.tolist()) == {0, 1}
+        for images, labels in batches:
+            assert [i >= 12 for i in image_index(images)] == [bool(label) for label in labels]
+
+
+def test_a_sample_whose_class_is_not_an_index_is_skipped_with_a_warning(tmp_path, capfd):
+    from distgan.data.indexed import NO_CLASS
+    from distgan.data.shards import sample_class
+
+    assert sample_class({"png": b""}) == NO_CLASS and sample_class({"cls": b"3"}) == 3
+    assert "not a class index" in sample_class({"cls": b"cat"}) and "negative" in sample_class({"cls": b"-2"})
+    with tarfile.open(tmp_path / "s.tar", "w") as tar:
+        for i, cls in enumerate([b"0", b"cat", b"1", b"0"]):
+            for suffix, data in (("png", (tmp_path / "x.png")), ("cls", cls)):
+                if suffix == "png":
+                    Image.new("RGB", (8, 8), (i, 0, 7)).save(data)
+                    data = data.read_bytes()
+                info = tarfile.TarInfo(f"{i:04d}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    stream = ShardBatches(resolve(str(tmp_path / "s.tar")), 3, 0, 0, 1, 8, 3, workers=0, buffer=1)
+    images, labels = next(stream)
+    assert sorted(zip(image_index(images), labels.tolist())) == [(0, 0), (2, 1), (3, 0)]
+    assert stream.skipped == 1 and "its cls b'cat' is not a class index" in capfd.readouterr().err
+
+
+def test_a_folder_trees_classes_and_an_unreadable_files_replacement_label(tmp_path, capfd):
+    from distgan.data.folder import FolderImages
+
+    root = write_two_classes(tmp_path / "tree", per_class=3)
+    (root / "cats" / "00002.png").write_bytes(b"not a png")  # replaced by the next file: the first dog
+    folder = FolderImages(str(root), 8, 3)
+    assert folder.classes == ["cats", "dogs"]
+    images, labels, skipped = folder.get(torch.arange(6))
+    assert image_index(images) == [0, 1, 3, 3, 4, 5] and labels.tolist() == [0, 0, 1, 1, 1, 1] and skipped == 1
+    assert "skipping unreadable" in capfd.readouterr().err
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (8, 8)).save(flat / "a.png")
+    assert FolderImages(str(flat), 8, 3).classes is None

@@ -44,9 +44,11 @@ def test_point_set_is_near_the_centres_deterministic_and_float(name):
     assert nearest.max() < 6 * m.std
     assert torch.equal(points.points, PointSet(name, 1000, seed=3).points)
     assert not torch.equal(points.points, PointSet(name, 1000, seed=4).points)
-    batch, skipped = points.get(torch.tensor([5, 0, 999]))
+    batch, modes, skipped = points.get(torch.tensor([5, 0, 999]))
     assert batch.shape == (3, 2) and batch.dtype == torch.float32 and skipped == 0
     assert torch.equal(batch[0], points.points[5])
+    assert len(points.classes) == m.centres.shape[0]
+    assert torch.equal(torch.cdist(batch, m.centres).argmin(1), modes)  # each point's class is its mode
 
 
 def mixture_samples(name: str, num: int = 2500, seed: int = 0) -> torch.Tensor:
@@ -121,7 +123,7 @@ def test_build_source_serves_points_and_resumes_exactly(tmp_path):
     cfg = point_config(tmp_path)
     assert is_points(cfg) and not is_points(point_config(tmp_path, **{"data.source": "digits"}))
     stream = build_source(cfg)
-    batch = next(stream)
+    batch = next(stream).samples
     assert batch.shape == (16, 2) and batch.dtype == torch.float32
     for _ in range(7):  # into the second epoch of 100 points
         next(stream)
@@ -129,9 +131,9 @@ def test_build_source_serves_points_and_resumes_exactly(tmp_path):
     expected = next(stream)
     resumed = build_source(cfg)
     resumed.load_state_dict(state)
-    assert torch.equal(next(resumed), expected)
+    assert all(torch.equal(a, b) for a, b in zip(next(resumed), expected, strict=True))
     ranks = [build_source(cfg, rank=r, world_size=2) for r in range(2)]
-    assert torch.equal(torch.cat([next(r) for r in ranks]), batch)
+    assert torch.equal(torch.cat([next(r).samples for r in ranks]), batch)
 
 
 def test_to_model_input_keeps_points_and_scales_images():

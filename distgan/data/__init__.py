@@ -1,11 +1,14 @@
-"""Data sources. Image sources yield uint8 batches (B, C, H, W) for this rank; `to_model_input` moves a batch
-to the device and scales it to [-1, 1] there, so the host never touches floats. Point sources yield float32
-(B, 2) batches, which `to_model_input` moves unchanged.
+"""Data sources. Every source yields Batches (samples, labels) for this rank: image sources uint8 images
+(B, C, H, W), point sources float32 (B, 2), each with its int64 class indices (B,) (NO_CLASS for a source without
+classes); `to_model_input` moves samples to the device and scales images to [-1, 1] there, so the host never
+touches floats. A source's `classes` names its classes by index (None: it has none).
 
-    digits, synthetic   in memory (sources.py), sliced from seeded global batches (indexed.py)
-    folder              image files decoded on the fly by DataLoader workers (folder.py + indexed.py)
-    shards              WebDataset tars written by `python -m distgan.data.prepare` (shards.py)
-    ring8, grid25       2-D Gaussian mixture points, drawn once in memory (distgan/toy.py + indexed.py)
+    digits, synthetic   in memory (sources.py), sliced from seeded global batches (indexed.py); digits: 10 classes
+    folder              image files decoded on the fly by DataLoader workers (folder.py + indexed.py); classes:
+                        the top-level folders, as torchvision's ImageFolder
+    shards              WebDataset tars written by `python -m distgan.data.prepare` (shards.py); classes: `cls`
+    ring8, grid25       2-D Gaussian mixture points, drawn once in memory (distgan/toy.py + indexed.py); classes:
+                        the mode each point was drawn from
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ from distgan.config import Config
 from distgan.data.folder import FolderImages
 from distgan.data.indexed import IndexedBatches
 from distgan.data.shards import ShardBatches, resolve
-from distgan.data.sources import SyntheticImages, TensorImages, load_digits
+from distgan.data.sources import SyntheticImages, digits_set
 from distgan.toy import MIXTURES, PointSet
 
 
 def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bool = False, workers: int | None = None):
-    """The batch stream of cfg.data for one rank (IndexedBatches or ShardBatches: next(), state_dict(), skipped).
+    """The Batch stream of cfg.data for one rank (IndexedBatches or ShardBatches: next(), state_dict(), skipped,
+    classes).
 
     workers: loader processes for shards and folders (default data.workers; training passes its capped count).
     """
@@ -36,7 +40,7 @@ def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bo
     if d.source == "folder":
         images = FolderImages(d.path, size, channels)
     elif d.source == "digits":
-        images, workers = TensorImages(load_digits(size)), 0
+        images, workers = digits_set(size), 0
     elif d.source == "synthetic":
         images, workers = SyntheticImages(d.num_samples, size, channels, cfg.run.seed), 0
     elif d.source in MIXTURES:

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import PurePosixPath
+
 from PIL import Image, ImageOps
+
+
+def folder_classes(relative: list[str]) -> list[str] | None:
+    """ImageFolder class names (the top-level folders, sorted) of files at these relative paths, when every file
+    sits in one of two or more of them; else None (the files have no classes)."""
+    parts = [PurePosixPath(r).parts for r in relative]
+    tops = sorted({p[0] for p in parts if len(p) > 1})
+    return tops if len(tops) > 1 and all(len(p) > 1 for p in parts) else None
 
 
 def square_resize(image: Image.Image, size: int, mode: str) -> Image.Image:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -11,12 +11,30 @@ from torch.utils.data import DataLoader, Dataset
 from distgan import rng
 from distgan.config import ConfigError
 
+NO_CLASS = -1  # the label of a sample from a source without classes
+
+
+class Batch(NamedTuple):
+    """One rank's slice of a global batch: its samples (uint8 images (B, C, H, W) or float points (B, 2)) and
+    their class indices (int64 (B,); NO_CLASS where the source has no classes)."""
+
+    samples: torch.Tensor
+    labels: torch.Tensor
+
+
+def no_classes(count: int) -> torch.Tensor:
+    """The labels of `count` samples of a source without classes."""
+    return torch.full((count,), NO_CLASS, dtype=torch.long)
+
 
 class ImageSet(Protocol):
+    classes: list[str] | None  # class names, by index; None when the samples have no classes
+
     def __len__(self) -> int: ...
 
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """uint8 images (len(indices), C, H, W), and how many unreadable files were replaced by others."""
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """uint8 images (len(indices), C, H, W), their labels (int64), and how many unreadable files were
+        replaced by others (a replacement brings its own label)."""
         ...
 
 
@@ -37,7 +55,7 @@ class _ByIndices(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         return self.images.get(indices)
 
 
@@ -91,6 +109,7 @@ class IndexedBatches:
         pin_memory: bool = False,
     ):
         self.images, self.batch_size, self.workers, self.pin_memory = images, batch_size, workers, pin_memory
+        self.classes = images.classes
         self.order = GlobalOrder(len(images), batch_size, seed)
         self.rank_slice = rank_slice(batch_size, rank, world_size)
         self.position = 0
@@ -101,11 +120,11 @@ class IndexedBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Batch:
         if self.workers == 0:
-            images, skipped = self.images.get(self.order.batch(self.position)[self.rank_slice])
+            images, labels, skipped = self.images.get(self.order.batch(self.position)[self.rank_slice])
             if self.pin_memory:
-                images = images.pin_memory()
+                images, labels = images.pin_memory(), labels.pin_memory()
         else:
             if self._loader is None:
                 loader = DataLoader(
@@ -120,10 +139,10 @@ class IndexedBatches:
                     generator=torch.Generator(),  # its own: making the iterator must not draw from the global RNG
                 )
                 self._loader = iter(loader)
-            images, skipped = next(self._loader)
+            images, labels, skipped = next(self._loader)
         self.position += self.batch_size
         self.skipped += skipped
-        return images
+        return Batch(images, labels)
 
     def state_dict(self) -> dict:
         return {"position": self.position}

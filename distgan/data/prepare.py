@@ -33,7 +33,7 @@ from PIL import Image, UnidentifiedImageError
 
 from distgan import rng
 from distgan.config import ConfigError, first_line, run_command
-from distgan.data.images import square_resize
+from distgan.data.images import folder_classes, square_resize
 from distgan.files import sha256_of
 
 MANIFEST = "manifest.json"
@@ -77,9 +77,7 @@ class Source:
 
     def classes(self) -> list[str] | None:
         """ImageFolder class names (top-level folders) when the files sit in two or more of them."""
-        parts = [PurePosixPath(r).parts for r in self.relative]
-        tops = sorted({p[0] for p in parts if len(p) > 1})
-        return tops if len(tops) > 1 and all(len(p) > 1 for p in parts) else None
+        return folder_classes(self.relative)
 
 
 def _hidden(path: PurePosixPath) -> bool:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 
 from distgan import rng
 from distgan.config import ConfigError
-from distgan.data.indexed import rank_slice
+from distgan.data.indexed import NO_CLASS, Batch, rank_slice
 from distgan.files import atomic_write, sha256_of
 
 IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
@@ -60,6 +60,7 @@ class ShardSet:
     image_size: int | None  # from the manifest; None when the shards came without one
     origin: str
     channels: int | None = None  # from the manifest
+    classes: list[str] | None = None  # from the manifest: class names by `cls` index; None when it has none
 
     @property
     def num_samples(self) -> int:
@@ -175,6 +176,7 @@ def _load_manifest(path: Path) -> ShardSet:
         if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
             raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('version')!r}")
         image_size, channels = int(manifest["image_size"]), int(manifest["channels"])
+        classes = [str(c) for c in manifest["classes"]] if manifest.get("classes") else None
         entries = [
             (str(e["file"]), int(e["samples"]), e.get("bytes"), e.get("sha256")) for e in manifest["splits"]["train"]
         ]
@@ -187,7 +189,7 @@ def _load_manifest(path: Path) -> ShardSet:
     for file, samples, size, sha256 in entries:
         url = file if _is_url(file) or Path(file).is_absolute() else str(path.parent / file)
         shards.append(Shard(url, samples, size, sha256))
-    return ShardSet(shards, image_size, str(path), channels)
+    return ShardSet(shards, image_size, str(path), channels, classes)
 
 
 def resolve(path: str, verify: str = "size") -> ShardSet:
@@ -368,8 +370,20 @@ def decode(samples: list[dict], channels: int) -> list[torch.Tensor | str]:
     return out
 
 
+def sample_class(sample: dict) -> int | str:
+    """A sample's class index from its `cls` field (NO_CLASS without one), or a string saying why it is not one."""
+    if "cls" not in sample:
+        return NO_CLASS
+    try:
+        label = int(sample["cls"])
+    except ValueError:
+        return f"its cls {sample['cls'][:20]!r} is not a class index"
+    return label if label >= 0 else f"its cls {label} is negative"
+
+
 class ShardStream(IterableDataset):
-    """The endless per-rank stream of (uint8 batch (B, C, S, S), samples skipped) of one worker's slots."""
+    """The endless per-rank stream of (uint8 batch (B, C, S, S), labels (B,), samples skipped) of one worker's
+    slots."""
 
     def __init__(self, shards, seed, rank, world_size, workers, batch_per_rank, buffer, image_size, channels, start):
         super().__init__()
@@ -404,22 +418,24 @@ class ShardStream(IterableDataset):
             if reader.last_pass == 0:
                 raise DataError(f"{reader.where}: none of its shards holds a readable sample")
 
-    def epoch_batches(self, epoch: int, worker: int, count: int) -> Iterator[tuple[torch.Tensor, int]]:
+    def epoch_batches(self, epoch: int, worker: int, count: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         """The `count` batches one worker emits in one epoch."""
         indices = epoch_slots(len(self.shards), self.seed, epoch, self.world_size, self.workers)[self.rank][worker]
         reader = _Reader(self.shards, f"rank {self.rank} worker {worker} epoch {epoch}")
         rand = random.Random(rng.derive_seed(self.seed, rng.SHUFFLE_BUFFER, epoch, self.rank, worker))
         samples = self._passes(reader, indices, rand)
         expected = (self.channels, self.image_size, self.image_size)
-        images, failures_in_a_row = [], 0
+        images, labels, failures_in_a_row = [], [], 0
         limit = sum(self.shards[i].samples for i in indices)
         for _ in range(count):
             while len(images) < self.batch_per_rank:
                 chunk = [next(samples) for _ in range(self.batch_per_rank - len(images))]
                 for sample, image in zip(chunk, decode(chunk, self.channels)):
-                    if isinstance(image, str):
+                    label = sample_class(sample)
+                    problem = image if isinstance(image, str) else label if isinstance(label, str) else None
+                    if problem is not None:
                         reader.skipped += 1
-                        reader.warn(f"skipping sample {sample['__key__']} of {sample['__url__']}: {image}")
+                        reader.warn(f"skipping sample {sample['__key__']} of {sample['__url__']}: {problem}")
                         failures_in_a_row += 1
                         if failures_in_a_row > limit:
                             raise DataError(f"{reader.where}: no sample of its shards decodes")
@@ -431,16 +447,17 @@ class ShardStream(IterableDataset):
                             f"expects {expected}: prepare the shards with --size {self.image_size}"
                         )
                     images.append(image)
+                    labels.append(label)
             # decode_jpeg returns (C, H, W) views of (H, W, C) pixels: stacking those buffers as they lie is a plain
             # copy (several times faster than gathering strided views); the batch is then channels_last NCHW.
             # default_collate stacks straight into shared memory when it runs in a worker.
             batch = default_collate([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
-            yield batch, reader.skipped
-            images, reader.skipped = [], 0
+            yield batch, torch.tensor(labels, dtype=torch.long), reader.skipped
+            images, labels, reader.skipped = [], [], 0
 
 
 class ShardBatches:
-    """This rank's endless stream of uint8 batches from shards, resumable from its (epoch, batch index)."""
+    """This rank's endless stream of Batches of uint8 images from shards, resumable from its (epoch, batch index)."""
 
     def __init__(
         self,
@@ -494,7 +511,7 @@ class ShardBatches:
         self.stream_args = (shards, seed, rank, world, self.workers, per_rank, buffer, image_size, channels)
         # The epoch plan depends on these; a resume under another layout starts a fresh epoch (load_state_dict).
         self.layout = {"world_size": world, "workers": self.workers, "shards": len(shards), "batch_per_rank": per_rank}
-        self.pin_memory = pin_memory
+        self.pin_memory, self.classes = pin_memory, shard_set.classes
         self.epoch, self.index, self.batches = 0, 0, 0  # position: batch `index` of `epoch`; batches taken in all
         self.skipped = 0  # samples this rank skipped since this object was built (not saved: ranks differ)
         self._iterator = None
@@ -513,7 +530,7 @@ class ShardBatches:
     def __iter__(self):
         return self
 
-    def __next__(self) -> torch.Tensor:
+    def __next__(self) -> Batch:
         if self._iterator is None:
             loader = DataLoader(
                 ShardStream(*self.stream_args, (self.epoch, self.index)),
@@ -526,14 +543,14 @@ class ShardBatches:
             )
             self._iterator = iter(loader)
         try:
-            images, skipped = next(self._iterator)
+            images, labels, skipped = next(self._iterator)
         except DataError as e:  # raised in a worker, re-raised here with the worker's traceback in the message
             raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
         self.batches, self.index, self.skipped = self.batches + 1, self.index + 1, self.skipped + skipped
         if self.index == self._epoch_length:
             self.epoch, self.index = self.epoch + 1, 0
             self._epoch_length = self.batches_in_epoch(self.epoch)
-        return images
+        return Batch(images, labels)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "batches": self.batches, "layout": self.layout}

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from distgan import rng
+from distgan.data.indexed import no_classes
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -31,28 +32,40 @@ def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 
 def load_digits(image_size: int = 32) -> torch.Tensor:
     """scikit-learn's 1,797 handwritten 8x8 digits, bilinearly resized: uint8 (1797, 1, S, S), ink bright."""
-    pixels = torch.from_numpy(digits_arrays()[0]).float().div_(16.0)  # (1797, 8, 8) in [0, 1]
-    resized = F.interpolate(pixels[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return _resized(digits_arrays()[0], image_size)
+
+
+def digits_set(image_size: int = 32) -> TensorImages:
+    """The digits as training sees them (load_digits), with their labels: classes "0" to "9"."""
+    pixels, labels = digits_arrays()
+    return TensorImages(_resized(pixels, image_size), torch.from_numpy(labels).long(), [str(i) for i in range(10)])
+
+
+def _resized(pixels: np.ndarray, image_size: int) -> torch.Tensor:
+    scaled = torch.from_numpy(pixels).float().div_(16.0)  # (N, 8, 8) in [0, 1]
+    resized = F.interpolate(scaled[:, None], size=(image_size, image_size), mode="bilinear", align_corners=False)
     return resized.clamp_(0, 1).mul_(255).round_().to(torch.uint8)
 
 
 class TensorImages:
-    """An image set held as one uint8 tensor (N, C, H, W)."""
+    """An image set held as one uint8 tensor (N, C, H, W), with int64 labels (N,) and their class names."""
 
-    def __init__(self, images: torch.Tensor):
-        self.images = images
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None, classes: list[str] | None = None):
+        self.images, self.classes = images, classes
+        self.labels = no_classes(images.shape[0]) if labels is None else labels
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return self.images[indices], 0
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.images[indices], self.labels[indices], 0
 
 
 class SyntheticImages:
     """Procedural images: a two-colour gradient with a rectangle and an ellipse; image i depends only on (seed, i)."""
 
     NUM_PARAMS = 20
+    classes = None
 
     def __init__(self, num_samples: int, image_size: int, channels: int = 3, seed: int = 0):
         self.num_samples, self.image_size, self.channels, self.seed = num_samples, image_size, channels, seed
@@ -62,8 +75,8 @@ class SyntheticImages:
     def __len__(self) -> int:
         return self.num_samples
 
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, int]:
-        return self.render(indices), 0
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.render(indices), no_classes(len(indices)), 0
 
     def render(self, indices: torch.Tensor) -> torch.Tensor:
         """uint8 images (len(indices), C, S, S)."""
