@@ -91,6 +91,21 @@ class ModelConfig:
         "(Khayatkhoei et al. 2018); 0: off.",
         minimum=0,
     )
+    conditional: bool = option(
+        False,
+        "Class-conditional G and D: G draws the class it is asked for, D is a projection discriminator (Miyato & "
+        "Koyama 2018). Needs a source with classes: digits, ring8, grid25, a folder of class folders, shards with cls.",
+    )
+    num_classes: int = option(
+        0, "Classes of a conditional model; 0: the data's count (when set, it must match the data's).", minimum=0
+    )
+    g_conditioning: str = option(
+        "auto",
+        "How a conditional G takes its class: batchnorm (a per-class scale and shift of every batch norm: "
+        "conditional batch norm) or input (a learned per-class bias of its first layer: the one-hot class "
+        "concatenated to z); auto: batchnorm for dcgan, input for mlp (its G has no batch norm).",
+        choices=("auto", "batchnorm", "input"),
+    )
 
 
 @dataclass
@@ -422,6 +437,16 @@ def validate(cfg: Config) -> None:
         )
     if points and cfg.model.arch != "mlp":
         raise ConfigError(f"data.source '{cfg.data.source}' holds 2-D points: it needs model.arch mlp")
+    m = cfg.model
+    if m.conditional and m.pack > 1:
+        raise ConfigError(f"model.conditional judges each sample with its class; model.pack {m.pack} packs several")
+    if m.conditional and m.g_conditioning == "batchnorm" and m.arch == "mlp":
+        raise ConfigError("model.g_conditioning batchnorm needs model.arch dcgan: the MLP G has no batch norm")
+    if (m.num_classes or m.g_conditioning != "auto") and not m.conditional:
+        key = "num_classes" if m.num_classes else "g_conditioning"
+        raise ConfigError(f"model.{key} is set but model.conditional is false")
+    if m.conditional and cfg.data.source == "synthetic":
+        raise ConfigError("model.conditional needs classes; data.source 'synthetic' has none")
     if points and cfg.data.hflip:
         raise ConfigError(f"data.hflip mirrors images; data.source '{cfg.data.source}' holds 2-D points")
     unknown = [a for a in cfg.augment.policy if a not in ("auto", *AUGMENTATIONS)]

@@ -67,6 +67,9 @@ class Evaluator:
         self.runtime = runtime or Runtime.single()
         self.rank, self.world, self.device = self.runtime.rank, self.runtime.world, self.runtime.device
         self.z = rng.eval_noise(cfg.run.seed, cfg.eval.num_samples, cfg.model.nz)  # (N, nz)
+        # A conditional G is asked for the classes in turn: sample i of class i % K, every class (nearly) equally.
+        k = cfg.model.num_classes if cfg.model.conditional else 0
+        self.labels = torch.arange(cfg.eval.num_samples) % k if k else None
         self._extractor, self._extractor_id = extractor, extractor_id
         self._real_features: torch.Tensor | None = None
         if {"fid", "kid"} & set(self.metrics) and extractor is None:
@@ -87,43 +90,59 @@ class Evaluator:
         """This rank's share of the evaluation samples, (n, C, H, W) images or (n, 2) points, on the device."""
         from distgan.fid import split_for_rank
 
-        share = split_for_rank(self.cfg.eval.num_samples, self.rank, self.world)
-        z = self.z[share.start : share.stop]
-        chunks = [generate(G, chunk.to(self.device)).float() for chunk in z.split(self.cfg.eval.batch_size)]
+        share, batch = split_for_rank(self.cfg.eval.num_samples, self.rank, self.world), self.cfg.eval.batch_size
+        z = self.z[share.start : share.stop].split(batch)
+        labels = self.labels[share.start : share.stop].split(batch) if self.labels is not None else [None] * len(z)
+        chunks = [
+            generate(G, chunk.to(self.device), None if y is None else y.to(self.device)).float()
+            for chunk, y in zip(z, labels, strict=True)
+        ]
         return torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """Every rank's rows in rank order, on the CPU of every rank (every rank must call it)."""
         return torch.cat(self.runtime.gather_objects(local.cpu()))
 
-    def __call__(self, G: nn.Module, D: nn.Module | None = None, real: torch.Tensor | None = None) -> dict[str, float]:
-        """The metrics of G (G_ema, usually); D and a batch of real model inputs for the FGSM probe."""
+    def __call__(
+        self, G: nn.Module, D: nn.Module | None = None, real: torch.Tensor | None = None, real_labels=None
+    ) -> dict[str, float]:
+        """The metrics of G (G_ema, usually); D and a batch of real model inputs (with their classes, for a
+        conditional D) for the FGSM probe."""
         with self._own_rng():
-            return self._evaluate(G, D, real)
+            return self._evaluate(G, D, real, real_labels)
 
-    def timed(self, G: nn.Module, D: nn.Module | None = None, real: torch.Tensor | None = None) -> dict[str, float]:
+    def timed(
+        self, G: nn.Module, D: nn.Module | None = None, real: torch.Tensor | None = None, real_labels=None
+    ) -> dict[str, float]:
         """The metrics and `eval/seconds`, this rank's time for them (training logs rank 0's)."""
         started = time.perf_counter()
-        results = self(G, D, real)
+        results = self(G, D, real, real_labels)
         return {**results, "eval/seconds": time.perf_counter() - started}
 
-    def _evaluate(self, G: nn.Module, D: nn.Module | None, real: torch.Tensor | None) -> dict[str, float]:
+    def _evaluate(self, G: nn.Module, D: nn.Module | None, real: torch.Tensor | None, real_labels) -> dict[str, float]:
         local = self.local_samples(G)
         results: dict[str, float] = {}
         if "digits" in self.metrics or "modes" in self.metrics:
             samples = self.gather(local)
             if "digits" in self.metrics:
-                from distgan.digits_score import digits_score
+                from distgan.digits_score import default_scorer
 
-                results.update(digits_score(samples))
+                scorer = default_scorer()
+                results.update(scorer.score(samples))
+                if self.labels is not None:
+                    correct = scorer.classify(samples) == self.labels
+                    results.update(class_accuracy(correct, self.labels, self.cfg.model.num_classes))
             if "modes" in self.metrics:
-                from distgan.toy import mode_metrics
+                from distgan.toy import asked_mode_hits, mode_metrics
 
                 modes = mode_metrics(samples, self.cfg.data.source)
                 results["modes/covered"] = float(modes["modes_covered"])
                 results["modes/hit"] = float(modes["modes_hit"])
                 results["modes/high_quality"] = float(modes["high_quality"])
                 results["modes/kl"] = float(modes["mode_kl"])
+                if self.labels is not None:
+                    hits = asked_mode_hits(samples, self.labels, self.cfg.data.source)
+                    results.update(class_accuracy(hits, self.labels, self.cfg.model.num_classes))
         if {"fid", "kid"} & set(self.metrics):
             results.update(self.fid_kid(local))
         if "fgsm" in self.metrics:
@@ -133,6 +152,12 @@ class Evaluator:
 
             # Each rank probes its own real batch; the means over ranks are the global means (equal batch sizes).
             bounds = (-math.inf, math.inf) if is_points(self.cfg) else (-1.0, 1.0)
+            if self.labels is not None:
+                if real_labels is None:
+                    raise ValueError("the fgsm probe of a conditional D needs the real batch's classes")
+                from distgan.models import WithClasses
+
+                D = WithClasses(D, real_labels.to(self.device))
             local_probe = probe(D, [real], lo=bounds[0], hi=bounds[1])
             means = self.runtime.mean(torch.tensor(list(local_probe.values()), device=self.device, dtype=torch.float64))
             results.update(zip(local_probe, means.tolist()))
@@ -163,6 +188,18 @@ class Evaluator:
         if "kid" in self.metrics:
             out["eval/kid"], out["eval/kid_std"] = float(scores["kid_mean"]), float(scores["kid_std"])
         return out
+
+
+def class_accuracy(correct: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """A conditional G's share of samples that are what they were asked to be (correct: bool (N,) of the asked
+    classes labels (N,)): overall (`cond/accuracy`), its worst class (`cond/accuracy_min`), and per class (of the
+    classes asked for)."""
+    asked = torch.bincount(labels, minlength=num_classes)
+    right = torch.bincount(labels[correct], minlength=num_classes)
+    per_class = {c: right[c].item() / asked[c].item() for c in range(num_classes) if asked[c] > 0}
+    out = {"cond/accuracy": correct.double().mean().item(), "cond/accuracy_min": min(per_class.values())}
+    out.update({f"cond/accuracy_class{c}": share for c, share in per_class.items()})
+    return out
 
 
 def reference_set(cfg: Config) -> tuple[list[str], int, callable]:
@@ -307,13 +344,14 @@ def main(
     runtime = Runtime(cfg)  # the checkpoint's run.device and dist.timeout_s
     evaluator = Evaluator(cfg, names, runtime)
     G, D = G.to(runtime.device), D.to(runtime.device)
-    real = None
+    real = real_labels = None
     if "fgsm" in names:
         from distgan.data import build_source, to_model_input
 
         cfg.train.batch_size = math.ceil(cfg.train.batch_size / runtime.world) * runtime.world
-        real = to_model_input(next(build_source(cfg, runtime.rank, runtime.world)).samples, runtime.device)
-    results = evaluator(G, D, real)
+        batch = next(build_source(cfg, runtime.rank, runtime.world))
+        real, real_labels = to_model_input(batch.samples, runtime.device), batch.labels.to(runtime.device)
+    results = evaluator(G, D, real, real_labels if cfg.model.conditional else None)
     if runtime.is_main:
         print(f"{checkpoint} ({which}, {cfg.eval.num_samples} samples):")
         for key, value in results.items():

@@ -11,7 +11,7 @@ import torch
 
 # Purposes; never renumber (it would change every run).
 DATA_ORDER, NOISE, FIXED_NOISE, SYNTHETIC, PREPARE_ORDER, SHUFFLE_BUFFER, FLIP, RESEED = 1, 2, 3, 4, 5, 6, 7, 8
-EVAL_NOISE, AUGMENT = 9, 10
+EVAL_NOISE, AUGMENT, FAKE_CLASSES = 9, 10, 11
 
 
 def derive_seed(*keys: int) -> int:
@@ -28,6 +28,12 @@ def noise(seed: int, step: int, batch_size: int, nz: int, d_step: int = 0) -> to
     """The global batch of latent vectors (batch_size, nz) of one training step's D step d_step (train.d_steps)."""
     keys = (seed, NOISE, step) if d_step == 0 else (seed, NOISE, step, d_step)  # the first: as before d_steps
     return torch.randn(batch_size, nz, generator=generator(*keys))
+
+
+def fake_classes(seed: int, step: int, batch_size: int, num_classes: int, d_step: int = 0) -> torch.Tensor:
+    """The classes (batch_size,) int64 a conditional G is asked for in one training step's D step d_step:
+    uniform over the classes, drawn for the global batch."""
+    return torch.randint(num_classes, (batch_size,), generator=generator(seed, FAKE_CLASSES, step, d_step))
 
 
 def fixed_noise(seed: int, num: int, nz: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ from distgan import checkpoint, rng
 from distgan.augment import AdaptiveP
 from distgan.config import Config, ConfigError, augment_policy, from_dict, is_points, to_dict
 from distgan.data import build_source, flips, hflip, to_model_input
+from distgan.data.shards import DataError
 from distgan.dist import Runtime
 from distgan.ema import EMA
 from distgan.losses import LeCamAverages
@@ -208,6 +210,43 @@ class RNGState:
         checkpoint.set_rng_state(state)
 
 
+@dataclass
+class StepInputs:
+    """One step's inputs on this rank, a list entry per D step; the labels are None for an unconditional model."""
+
+    reals: list[torch.Tensor]
+    zs: list[torch.Tensor]
+    real_labels: list[torch.Tensor] | None = None
+    fake_labels: list[torch.Tensor] | None = None
+    waited_s: float = 0.0  # waiting for the data
+
+
+def data_classes(num_classes: int, classes: list[str] | None, source: str) -> int:
+    """The class count of a conditional model: the data's, checked against model.num_classes when that is set
+    (shards without a manifest name no classes: then model.num_classes is trusted, and each batch checked)."""
+    if not classes and num_classes and source == "shards":
+        return num_classes
+    if not classes:
+        raise ConfigError(
+            f"model.conditional needs classes, and data.source '{source}' has none here (a folder needs two or more "
+            f"class folders; shards need a manifest whose classes prepare wrote from such a tree, or "
+            f"model.num_classes and a cls in every sample)"
+        )
+    if num_classes and num_classes != len(classes):
+        raise ConfigError(f"model.num_classes is {num_classes} but data.source '{source}' has {len(classes)} classes")
+    return len(classes)
+
+
+def check_classes(labels: torch.Tensor, num_classes: int, source: str) -> None:
+    """A conditional model's real batch: every sample has a class below num_classes."""
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.numel():
+        raise DataError(
+            f"data.source '{source}' gave a sample of class {int(bad[0])}; a conditional model of {num_classes} "
+            f"classes needs every sample in 0..{num_classes - 1} (a sample without cls has class -1)"
+        )
+
+
 class TrainState:
     """A run's models, optimizers, counters and data stream on this rank: build(), state_dict(), load_state_dict().
 
@@ -221,6 +260,14 @@ class TrainState:
         self.step, self.wandb_id, self.data_skipped_before = 0, None, 0
         self.elapsed_before_s, self.started = 0.0, time.time()
         self.notes: list[str] = []  # what building and resuming decided, for the console (and data.notes)
+
+        workers, note = runtime.loader_workers(cfg.data.workers)
+        if note and cfg.data.source in ("shards", "folder"):
+            self.notes.append(f"data: {note}")
+        pinned = runtime.device.type == "cuda"
+        self.data = build_source(cfg, runtime.rank, runtime.world, pin_memory=pinned, workers=workers)
+        if cfg.model.conditional:
+            cfg.model.num_classes = data_classes(cfg.model.num_classes, self.data.classes, cfg.data.source)
 
         torch.manual_seed(cfg.run.seed)
         G, D = build_models(cfg.model, points=is_points(cfg))
@@ -236,11 +283,6 @@ class TrainState:
         self.opt_d = torch.optim.Adam(self.D_plain.parameters(), lr=cfg.optim.lr_d, **adam)
         self.precision = Precision(runtime.precision(cfg.train.precision), runtime.device)
         self.bad_steps = BadSteps(0, cfg.train.max_bad_steps, runtime.device)
-        workers, note = runtime.loader_workers(cfg.data.workers)
-        if note and cfg.data.source in ("shards", "folder"):
-            self.notes.append(f"data: {note}")
-        pinned = runtime.device.type == "cuda"
-        self.data = build_source(cfg, runtime.rank, runtime.world, pin_memory=pinned, workers=workers)
         self.rng = RNGState()
         self.stab = self._stabilisers()
 
@@ -346,16 +388,17 @@ class TrainState:
             self.data.load_state_dict(ranks[0]["data"])
             torch.manual_seed(rng.derive_seed(self.cfg.run.seed, rng.RESEED, self.step, self.runtime.rank))
 
-    def inputs(self, step: int) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    def inputs(self, step: int) -> StepInputs:
         """This rank's slices of the step's real batches and noise batches, one of each per D step
-        (train.d_steps), on the device, and the seconds spent waiting for the data. Noise and flips are functions
-        of (run.seed, step, D step), drawn for the global batch."""
+        (train.d_steps), on the device, with their classes for a conditional model, and the seconds spent waiting
+        for the data. Noise, fake classes and flips are functions of (run.seed, step, D step), drawn for the
+        global batch."""
         cfg, device = self.cfg, self.runtime.device
-        reals, zs, waited = [], [], 0.0
+        out = StepInputs([], [], [] if cfg.model.conditional else None, [] if cfg.model.conditional else None)
         for d_step in range(cfg.train.d_steps):
             fetch_start = time.perf_counter()
             batch = next(self.data)
-            waited += time.perf_counter() - fetch_start
+            out.waited_s += time.perf_counter() - fetch_start
             real = to_model_input(batch.samples, device)
             if cfg.train.channels_last and real.dim() == 4:
                 real = real.contiguous(memory_format=torch.channels_last)
@@ -363,9 +406,14 @@ class TrainState:
                 mask = flips(cfg.run.seed, step, cfg.train.batch_size, d_step)[self.data.rank_slice]
                 real = hflip(real, mask.to(device, non_blocking=True))
             z = rng.noise(cfg.run.seed, step, cfg.train.batch_size, cfg.model.nz, d_step)[self.data.rank_slice]
-            reals.append(real)
-            zs.append(z.to(device, non_blocking=True))  # non-blocking: a blocking copy would wait for the GPU
-        return reals, zs, waited
+            out.reals.append(real)
+            out.zs.append(z.to(device, non_blocking=True))  # non-blocking: a blocking copy would wait for the GPU
+            if cfg.model.conditional:
+                check_classes(batch.labels, cfg.model.num_classes, cfg.data.source)
+                fake = rng.fake_classes(cfg.run.seed, step, cfg.train.batch_size, cfg.model.num_classes, d_step)
+                out.real_labels.append(batch.labels.to(device, non_blocking=True))
+                out.fake_labels.append(fake[self.data.rank_slice].to(device, non_blocking=True))
+        return out
 
     def set_learning_rates(self, step: int) -> None:
         """Both optimizers' learning rates for this step: the config's, times optim.decay's factor."""

@@ -56,13 +56,16 @@ class Stabilisers:
         world = everyone.numel() // scores.numel()  # equal slices on every rank
         return (scores >= threshold).float() * (world / k)
 
-    def judge(self, D: nn.Module, x: torch.Tensor, step: int, index: int, what: int) -> torch.Tensor:
-        """D's logits of samples x (this rank's slice of the global batch): augmented, then packed."""
+    def judge(
+        self, D: nn.Module, x: torch.Tensor, step: int, index: int, what: int, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """D's logits of samples x (this rank's slice of the global batch; of classes labels for a conditional
+        D): augmented, then packed."""
         if self.policy:
             params = augment.draws(self.policy, self.seed, step, index, what, self.batch_size, x.shape[-1])
             params = {k: v[..., self.rank_slice].to(x.device, non_blocking=True) for k, v in params.items()}
             x = augment.apply(x, self.policy, params, self.ada.p)
-        return D(pack(x, self.pack))
+        return D(pack(x, self.pack)) if labels is None else D(x, labels)
 
 
 def d_update(
@@ -76,8 +79,11 @@ def d_update(
     step: int,
     index: int,
     d_steps_done: int,
+    real_labels: torch.Tensor | None = None,
+    fake_labels: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """One D update on a real and a (detached) fake batch; d_steps_done counts this one. Returns statistics."""
+    """One D update on a real and a (detached) fake batch (with their classes, for a conditional D); d_steps_done
+    counts this one. Returns statistics."""
     penalise = d_steps_done % stab.every == 0
     r1, r2 = penalise and stab.r1_gamma > 0, penalise and stab.r2_gamma > 0
     if r1:
@@ -85,8 +91,8 @@ def d_update(
     if r2:
         fake = fake.detach().requires_grad_(True)
     with precision.autocast():
-        real_logits = stab.judge(D, real, step, index, augment.REAL)
-        fake_logits = stab.judge(D, fake, step, index, augment.FAKE)
+        real_logits = stab.judge(D, real, step, index, augment.REAL, real_labels)
+        fake_logits = stab.judge(D, fake, step, index, augment.FAKE, fake_labels)
     loss_d = d_loss(loss, real_logits, fake_logits)  # losses in fp32 from the logits
     stats = {}
     scale = precision.scale_of("D")
@@ -119,26 +125,35 @@ def train_step(
     precision: Precision | None = None,
     stab: Stabilisers | None = None,
     step: int = 1,
+    real_labels: torch.Tensor | list[torch.Tensor] | None = None,
+    fake_labels: torch.Tensor | list[torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """D updates (one per real batch and noise batch given), then one G update on the last D step's fakes,
-    against the updated D. Returns detached scalar statistics."""
+    against the updated D. A conditional G and D also take the real batches' classes and the classes G is asked
+    for (one tensor per D step, like real and z). Returns detached scalar statistics."""
     reals, zs = (real, z) if isinstance(real, list) else ([real], [z])
+    if (real_labels is None) != (fake_labels is None):
+        raise ValueError("a conditional step needs the classes of the real batches and of the fakes")
+    real_ys, fake_ys = real_labels, fake_labels
+    if real_labels is None:
+        real_ys, fake_ys = [None] * len(reals), [None] * len(reals)
+    elif not isinstance(real_labels, list):
+        real_ys, fake_ys = [real_labels], [fake_labels]
     precision = precision or Precision("fp32", reals[0].device)
     stab = stab or Stabilisers()
-    for index, (real_i, z_i) in enumerate(zip(reals, zs, strict=True)):
+    for index, (real_i, z_i, real_y, fake_y) in enumerate(zip(reals, zs, real_ys, fake_ys, strict=True)):
         last = index == len(reals) - 1
         with precision.autocast(), torch.set_grad_enabled(last):  # only the last fakes are kept for the G step
-            fake = G(z_i)  # (B, C, H, W)
+            fake = G(z_i) if fake_y is None else G(z_i, fake_y)  # (B, C, H, W)
         # detach() keeps D's loss from reaching G.
-        d_stats = d_update(
-            D, opt_d, real_i, fake.detach(), loss, precision, stab, step, index, (step - 1) * len(reals) + index + 1
-        )
+        done = (step - 1) * len(reals) + index + 1
+        d_stats = d_update(D, opt_d, real_i, fake.detach(), loss, precision, stab, step, index, done, real_y, fake_y)
 
     # G step against the updated D. D's weights are frozen, so backward computes only what G needs (and under
     # DDP, D's reducer, which no D gradient reaches in this step, expects none); synced batch norm still syncs.
     D.requires_grad_(False)
     with precision.autocast():
-        fake_logits_after = stab.judge(D, fake, step, len(reals) - 1, augment.FAKE_G)
+        fake_logits_after = stab.judge(D, fake, step, len(reals) - 1, augment.FAKE_G, fake_ys[-1])
     loss_g = g_loss(loss, fake_logits_after, stab.topk_weights(fake_logits_after, step))
     grad_norm_g = precision.backward_and_step("G", loss_g, opt_g)
     D.requires_grad_(True)

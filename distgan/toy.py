@@ -123,6 +123,16 @@ def mode_metrics(samples: torch.Tensor, name: str, min_count: float | None = Non
     }
 
 
+@torch.no_grad()
+def asked_mode_hits(samples: torch.Tensor, modes: torch.Tensor, name: str) -> torch.Tensor:
+    """Whether each generated point (N, 2) of a conditional G is a high-quality point of the mode it was asked
+    for (modes (N,)): within 3 std of that mode's centre. bool (N,)."""
+    m = mixture(name)
+    points = samples.detach().float().reshape(-1, 2).cpu()
+    distance = (points - m.centres[modes.cpu()]).norm(dim=1)  # NaN for non-finite points: never a hit
+    return distance <= HIGH_QUALITY_STDS * m.std
+
+
 def scatter_image(samples: torch.Tensor, name: str, size: int = 256) -> torch.Tensor:
     """A scatter plot of points (N, 2) over the mixture's square, centres ringed: uint8 image (3, size, size)."""
     import numpy as np

@@ -298,13 +298,14 @@ class Tracker:
         self._each_sink("image", step, name, grid, path)
         return path
 
-    def samples(self, step: int, generators: dict[str, nn.Module], z: torch.Tensor, source: str) -> None:
-        """The fixed noise batch z through each generator (eval mode: no collectives, so rank 0 alone draws them):
-        an image grid per generator, or for 2-D points a scatter plot over the mixture's modes."""
+    def samples(self, step: int, generators: dict[str, nn.Module], z: torch.Tensor, source: str, labels=None) -> None:
+        """The fixed noise batch z (of classes labels, for conditional generators) through each generator (eval
+        mode: no collectives, so rank 0 alone draws them): an image grid per generator, 8 a row, or for 2-D points
+        a scatter plot over the mixture's modes."""
         if not self.is_main:
             return
         for name, generator in generators.items():
-            samples = generate(generator, z)
+            samples = generate(generator, z, labels)
             if samples.dim() == 2:  # (N, 2) points
                 from distgan.toy import scatter_image
 

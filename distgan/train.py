@@ -10,6 +10,8 @@ import os
 import sys
 from pathlib import Path
 
+import torch
+
 from distgan import checkpoint, dist, rng
 from distgan.config import Config, ConfigError, describe, eval_metrics, is_points, load_config, run_command, to_yaml
 from distgan.dist import Runtime, StopVote
@@ -21,6 +23,7 @@ from distgan.tracking import LogWindow, Tracker, tag_console, wandb_mode, write_
 
 NUM_FIXED_SAMPLES = 64  # an 8x8 grid
 NUM_FIXED_POINTS = 1000  # a scatter plot, for the 2-D ring and grid
+GRID_COLUMNS = 8  # a conditional model's grid: a row per class
 
 
 class Stopped(SystemExit):
@@ -64,19 +67,20 @@ def run(cfg: Config, runtime: Runtime, run_dir: RunDir, state: TrainState, evalu
         tracker.close()
         return runtime.close()
 
-    fixed_z = rng.fixed_noise(cfg.run.seed, NUM_FIXED_POINTS if is_points(cfg) else NUM_FIXED_SAMPLES, cfg.model.nz)
-    fixed_z, generators = fixed_z.to(runtime.device), {"samples": state.G_plain, "samples_ema": state.G_ema}
+    fixed_z, fixed_labels = fixed_inputs(cfg, runtime.device)
+    generators = {"samples": state.G_plain, "samples_ema": state.G_ema}
     window, stop, exit_code = LogWindow(cfg.train.batch_size), StopVote(runtime), 1
     try:
         for step in range(state.step + 1, cfg.train.steps + 1):
-            reals, zs, data_wait_s = state.inputs(step)
+            inputs = state.inputs(step)
             if cfg.optim.decay != "none":
                 state.set_learning_rates(step)
             stats = train_step(
-                state.G, state.D, state.opt_g, state.opt_d, reals, zs, cfg.train.loss, state.precision, state.stab, step
-            )
+                state.G, state.D, state.opt_g, state.opt_d, inputs.reals, inputs.zs, cfg.train.loss, state.precision,
+                state.stab, step, inputs.real_labels, inputs.fake_labels,
+            )  # fmt: skip
             state.advance(stats)
-            window.add(stats, data_wait_s)
+            window.add(stats, inputs.waited_s)
             tracker.advance()
 
             last, stopping = step == cfg.train.steps, stop() and step < cfg.train.steps
@@ -84,11 +88,12 @@ def run(cfg: Config, runtime: Runtime, run_dir: RunDir, state: TrainState, evalu
             if step % cfg.log.every == 0 or last or evaluate:
                 row = window.row(runtime.mean, state.counters())
                 if evaluate:  # G_ema's samples; D and this batch for the FGSM probe
-                    row.update(evaluator.timed(state.G_ema, state.D_plain, reals[-1]))
+                    real_labels = inputs.real_labels[-1] if inputs.real_labels else None
+                    row.update(evaluator.timed(state.G_ema, state.D_plain, inputs.reals[-1], real_labels))
                 runtime.guard(tracker.log, step, row)
                 window.reset()
             if step % cfg.log.images_every == 0 or last:
-                runtime.guard(tracker.samples, step, generators, fixed_z, cfg.data.source)
+                runtime.guard(tracker.samples, step, generators, fixed_z, cfg.data.source, fixed_labels)
             if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or last or stopping:
                 state.save()
             if stopping:
@@ -104,6 +109,20 @@ def run(cfg: Config, runtime: Runtime, run_dir: RunDir, state: TrainState, evalu
     runtime.close()  # every rank got here together: the process group is taken down cleanly
     if exit_code == Stopped.EXIT_CODE:
         raise Stopped(Stopped.EXIT_CODE)
+
+
+def fixed_inputs(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fixed noise of the sample grids (and for a conditional model its classes: a row of 8 per class, the
+    same 8 latent vectors in every row; points: the classes in turn)."""
+    m = cfg.model
+    if not m.conditional:
+        num = NUM_FIXED_POINTS if is_points(cfg) else NUM_FIXED_SAMPLES
+        return rng.fixed_noise(cfg.run.seed, num, m.nz).to(device), None
+    if is_points(cfg):
+        labels = torch.arange(NUM_FIXED_POINTS) % m.num_classes
+        return rng.fixed_noise(cfg.run.seed, NUM_FIXED_POINTS, m.nz).to(device), labels.to(device)
+    z = rng.fixed_noise(cfg.run.seed, GRID_COLUMNS, m.nz).repeat(m.num_classes, 1)  # (K * 8, nz)
+    return z.to(device), torch.arange(m.num_classes).repeat_interleave(GRID_COLUMNS).to(device)
 
 
 def describe_run(runtime: Runtime, state: TrainState, resume) -> str:

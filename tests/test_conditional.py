@@ -1,0 +1,217 @@
+"""Class-conditional GANs: conditional G (batch norm or input), projection D, classes through the step on 1 and 2
+ranks, the fake classes as a function of the step, resume, the conditional metrics and config checks."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_ranks, tiny_config
+from test_dist import snapshot
+from test_train import assert_same_weights, final_state
+
+from distgan import rng
+from distgan.augment import AdaptiveP
+from distgan.config import ConfigError, load_config
+from distgan.dist import Runtime
+from distgan.eval import class_accuracy
+from distgan.models import (
+    ConditionalBatchNorm2d,
+    Discriminator,
+    Generator,
+    MLPDiscriminator,
+    MLPGenerator,
+    WithClasses,
+    build_models,
+)
+from distgan.precision import Precision
+from distgan.step import Stabilisers, train_step
+from distgan.syncbn import SyncBatchNorm
+from distgan.toy import MIXTURES, asked_mode_hits
+from distgan.train import train
+
+
+@pytest.mark.parametrize("conditioning", ["batchnorm", "input"])
+def test_a_conditional_dcgan_generator_draws_each_class_from_the_same_noise_differently(conditioning):
+    torch.manual_seed(0)
+    G = Generator(nz=16, ngf=8, channels=1, image_size=32, num_classes=10, conditioning=conditioning).eval()
+    with torch.no_grad():  # far from the init, so that classes differ clearly
+        for p in G.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    z = torch.randn(1, 16).expand(3, 16)
+    out = G(z, torch.tensor([0, 0, 7]))
+    assert out.shape == (3, 1, 32, 32)
+    assert torch.equal(out[0], out[1]) and not torch.allclose(out[0], out[2])
+    assert any(isinstance(m, ConditionalBatchNorm2d) for m in G.modules()) == (conditioning == "batchnorm")
+    with pytest.raises(ValueError, match="conditional on 10 classes"):
+        G(z)
+
+
+def test_conditional_batch_norm_is_batch_norm_with_a_scale_and_shift_per_class():
+    torch.manual_seed(0)
+    cbn = ConditionalBatchNorm2d(3, num_classes=2)
+    with torch.no_grad():
+        cbn.scale.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [0.5, 0.5, 0.5]]))
+        cbn.shift.weight.copy_(torch.tensor([[0.0, 1.0, 0.0], [-1.0, -1.0, -1.0]]))
+    x, labels = torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 1, 0])
+    normalised = torch.nn.functional.batch_norm(x, None, None, training=True)
+    want = normalised * cbn.scale.weight[labels][:, :, None, None] + cbn.shift.weight[labels][:, :, None, None]
+    torch.testing.assert_close(cbn(x, labels), want)
+    # synced batch norm replaces its normalisation like any other batch norm
+    converted = SyncBatchNorm.convert(cbn)
+    assert isinstance(converted.bn, SyncBatchNorm) and not converted.bn.affine
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+def test_the_projection_discriminator_adds_the_class_embedding_times_the_features(arch):
+    torch.manual_seed(0)
+    if arch == "dcgan":
+        D = Discriminator(ndf=8, channels=1, image_size=32, batchnorm=False, num_classes=3).eval()
+        body = lambda x: D.net[:-1](x).sum((2, 3))  # noqa: E731
+        plain = lambda x: D.net(x).view(-1)  # noqa: E731
+        x = torch.randn(2, 1, 32, 32)
+    else:
+        D = MLPDiscriminator((2,), [16, 8], dropout=0.0, num_classes=3).eval()
+        body = lambda x: D.net[:-1](x)  # noqa: E731
+        plain = lambda x: D.net(x).view(-1)  # noqa: E731
+        x = torch.randn(2, 2)
+    labels = torch.tensor([2, 0])
+    want = plain(x) + (D.class_embedding.weight[labels] * body(x)).sum(1)
+    torch.testing.assert_close(D(x, labels), want)
+    assert D(x, torch.tensor([1, 1])).shape == (2,)
+    torch.testing.assert_close(WithClasses(D, labels)(x), want)  # the one-argument form the FGSM probe takes
+    with pytest.raises(ValueError, match="conditional"):
+        D(x)
+    with pytest.raises(ValueError, match="unconditional"):
+        MLPDiscriminator((2,), [8])(x, labels)
+
+
+def test_the_mlp_generator_adds_a_class_bias_to_its_first_layer_beside_latent_codes():
+    torch.manual_seed(0)
+    G = MLPGenerator(4, [16, 16], (2,), tanh=False, codes=3, num_classes=5)
+    z = torch.randn(6, 4)
+    a, b = G(z, torch.zeros(6, dtype=torch.long)), G(z, torch.full((6,), 4))
+    assert a.shape == (6, 2) and not torch.allclose(a, b)
+    with torch.no_grad():
+        G.class_embedding.weight[4] = G.class_embedding.weight[0]
+    torch.testing.assert_close(G(z, torch.full((6,), 4)), a)  # the class acts only through its embedding
+
+
+def test_sampling_a_conditional_generator_by_class():
+    cfg = load_config(None, {"model.conditional": True, "model.num_classes": 10, "model.ngf": 8, "model.nz": 16})
+    torch.manual_seed(0)
+    G, _ = build_models(cfg.model)
+    sevens = G.sample(4, classes=7, seed=3)
+    assert sevens.shape == (4, 1, 32, 32)
+    torch.testing.assert_close(G.sample(4, classes=[7, 7, 7, 7], seed=3), sevens)
+    torch.testing.assert_close(G.sample(12, seed=3)[7], G.sample(12, classes=[*range(10), 0, 1], seed=3)[7])
+    with pytest.raises(ValueError, match="0..9"):
+        G.sample(2, classes=10)
+    with pytest.raises(ValueError, match="3 classes for 2 samples"):
+        G.sample(2, classes=[1, 2, 3])
+
+
+def test_fake_classes_are_a_function_of_seed_and_step_and_cover_the_classes():
+    a = rng.fake_classes(0, 5, 1000, 10)
+    assert torch.equal(a, rng.fake_classes(0, 5, 1000, 10)) and a.dtype == torch.long
+    assert not torch.equal(a, rng.fake_classes(0, 6, 1000, 10))
+    assert not torch.equal(a, rng.fake_classes(1, 5, 1000, 10))
+    assert not torch.equal(a, rng.fake_classes(0, 5, 1000, 10, d_step=1))
+    assert torch.bincount(a, minlength=10).min() > 60  # about 100 each
+
+
+SMALL = {"model.ngf": 8, "model.ndf": 8, "model.nz": 16, "train.batch_size": 8, "model.conditional": True,
+         "model.num_classes": 4}  # fmt: skip
+
+
+def conditional_step(runtime: Runtime, rows: slice, conditioning: str) -> dict:
+    cfg = load_config(None, {**SMALL, "model.g_conditioning": conditioning})
+    torch.manual_seed(0)
+    G, D = runtime.wrap(*build_models(cfg.model), sync_bn=True, double_backward=True)
+    plain = lambda module: getattr(module, "module", module)  # noqa: E731
+    opt_g = torch.optim.SGD(plain(G).parameters(), lr=0.1)
+    opt_d = torch.optim.SGD(plain(D).parameters(), lr=0.1)
+    ada = AdaptiveP(1.0, 0.0, 1.0, 1, 8, torch.device("cpu"))  # p = 1, no controller
+    stab = Stabilisers(r1_gamma=1.0, policy=["translation"], ada=ada, seed=5, batch_size=8, rank_slice=rows)
+    gen = torch.Generator().manual_seed(1)
+    real = torch.rand(8, 1, 32, 32, generator=gen) * 2 - 1
+    z = torch.randn(8, 16, generator=gen)
+    real_y, fake_y = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0]), rng.fake_classes(5, 3, 8, 4)
+    train_step(G, D, opt_g, opt_d, real[rows], z[rows], "nonsaturating", Precision("fp32", torch.device("cpu")),
+               stab, 3, real_y[rows], fake_y[rows])  # fmt: skip
+    return snapshot(plain(G), plain(D))
+
+
+def conditional_ranks(rank: int, world_size: int, conditioning: str = "batchnorm") -> dict:
+    runtime = Runtime(load_config(None, SMALL), batch_size=8)
+    per = 8 // world_size
+    return conditional_step(runtime, slice(rank * per, (rank + 1) * per), conditioning)
+
+
+def input_conditioning_ranks(rank: int, world_size: int) -> dict:
+    return conditional_ranks(rank, world_size, "input")
+
+
+@pytest.mark.parametrize("conditioning", ["batchnorm", "input"])
+def test_two_ranks_take_the_same_conditional_step_as_one(tmp_path, conditioning):
+    want = conditional_step(Runtime.single(), slice(0, 8), conditioning)
+    ranks = run_ranks(conditional_ranks if conditioning == "batchnorm" else input_conditioning_ranks, tmp_path)
+    assert not any(isinstance(r, str) for r in ranks), ranks
+    for got in ranks:
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_a_conditional_digits_run_resumes_bitwise_and_logs_its_class_accuracy(tmp_path):
+    keys = {"model.conditional": True, "eval.metrics": ["digits", "fgsm"], "eval.every": 3, "eval.num_samples": 40}
+    train(tiny_config(tmp_path / "straight", **keys))
+    step_4 = tmp_path / "straight" / "checkpoints" / "step_00000004.pt"
+    train(tiny_config(tmp_path / "resumed", **keys, **{"checkpoint.resume": str(step_4)}))
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert_same_weights(straight, resumed)
+    assert straight["config"]["model"]["num_classes"] == 10  # from the data, saved with the run
+    assert "class_embedding.weight" in straight["D"] and any(".scale.weight" in k for k in straight["G"])
+    rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = [row for row in rows if "cond/accuracy" in row]
+    assert evaluated and all(0 <= row["cond/accuracy_min"] <= row["cond/accuracy"] <= 1 for row in evaluated)
+    assert {f"cond/accuracy_class{c}" for c in range(10)} <= evaluated[-1].keys()
+    assert "fgsm/real_score" in evaluated[-1]
+
+
+def test_class_accuracy_overall_worst_and_per_class():
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 2, 2])
+    correct = torch.tensor([True, True, True, False, True, False, False, False])
+    out = class_accuracy(correct, labels, num_classes=4)  # class 3 was not asked for: not counted
+    assert out["cond/accuracy"] == 4 / 8 and out["cond/accuracy_min"] == 0.25
+    assert [out[f"cond/accuracy_class{c}"] for c in range(3)] == [1.0, 0.5, 0.25] and "cond/accuracy_class3" not in out
+
+
+def test_a_point_hits_only_the_mode_it_was_asked_for():
+    centres, std = MIXTURES["ring8"].centres, MIXTURES["ring8"].std
+    right = torch.tensor([std, 0.0])  # one std to the right
+    points = torch.stack(
+        [centres[2], centres[5] + 2.9 * right, centres[5] + 3.1 * right, centres[1], right * torch.nan]
+    )
+    hits = asked_mode_hits(points, torch.tensor([2, 5, 5, 0, 0]), "ring8")
+    assert hits.tolist() == [True, True, False, False, False]
+
+
+def test_conditional_settings_that_cannot_work_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="model.pack 2 packs several"):
+        load_config(None, {"model.conditional": True, "model.pack": 2})
+    with pytest.raises(ConfigError, match="'synthetic' has none"):
+        load_config(None, {"model.conditional": True, "data.source": "synthetic", "model.channels": 3})
+    with pytest.raises(ConfigError, match="model.num_classes is set but model.conditional is false"):
+        load_config(None, {"model.num_classes": 10})
+    with pytest.raises(ConfigError, match="MLP G has no batch norm"):
+        load_config(None, {"model.conditional": True, "model.arch": "mlp", "model.g_conditioning": "batchnorm"})
+    with pytest.raises(ConfigError, match="model.num_classes is 5 but data.source 'digits' has 10 classes"):
+        train(tiny_config(tmp_path / "five", **{"model.conditional": True, "model.num_classes": 5}))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    from PIL import Image
+
+    for i in range(4):
+        Image.new("L", (8, 8), i).save(flat / f"{i}.png")
+    with pytest.raises(ConfigError, match="needs classes, and data.source 'folder' has none"):
+        train(tiny_config(tmp_path / "f", **{"model.conditional": True, "data.source": "folder",
+                                              "data.path": str(flat), "train.batch_size": 4}))  # fmt: skip
