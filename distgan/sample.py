@@ -1,7 +1,7 @@
 """Draw samples from a checkpoint's generator (G_ema by default), or from a generator file that distgan.export wrote.
 
     python -m distgan.sample --checkpoint FILE --num N --out FILE.png|FILE.npz [--seed S] [--ema true|false]
-                             [--interpolate STEPS] [--batch_size B]
+                             [--interpolate STEPS] [--batch_size B] [--class K|K1,K2,...|all]
     python -m distgan.sample --generator G.safetensors --num N --out FILE.png|FILE.npz [--seed S] ...
 
 Image models: PNG writes one grid of N images; npz one uint8 array `images` of shape (N, H, W, C).
@@ -9,6 +9,9 @@ Image models: PNG writes one grid of N images; npz one uint8 array `images` of s
 vector to another; the PNG has one row per walk, the npz holds the N * STEPS images row by row.
 2-D point models (data.source ring8 or grid25): npz holds one float32 array `samples` of shape (N, 2); PNG is a
 scatter plot of the N points over the mixture's modes.
+Conditional models: --class picks the classes (one, a comma-separated list, or all: the default); each class
+gets N samples of the same N latent vectors (N walks with --interpolate, each within its class), a PNG row per
+class (per walk), and the npz an int64 array `classes` beside them.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ def main(
     ema: bool = True,
     interpolate: int = 0,
     generator: str | None = None,
+    classes: Any = None,
 ) -> None:
     """Write samples of the checkpoint's (or the exported generator file's) generator to out (see the module
     docstring).
@@ -109,27 +113,53 @@ def main(
         raise
     except Exception as e:
         raise ConfigError(f"cannot load {name} {source}: {first_line(e)}") from None
-    points = is_points(cfg)
+    points, asked = is_points(cfg), class_list(classes, G.num_classes)
     if interpolate and points:
         raise ConfigError("--interpolate draws image grids; this generator draws 2-D points")
     if interpolate:
         ends = torch.randn(2, num, cfg.model.nz, generator=torch.Generator().manual_seed(seed))
         z = slerp(ends[0], ends[1], interpolate).flatten(0, 1)  # (num * steps, nz), row by row
-        samples, per_row = G.sample_from(z, batch_size), interpolate
+        per_row = interpolate
     else:
-        samples, per_row = G.sample(num, seed=seed, batch_size=batch_size), math.ceil(math.sqrt(num))
+        z = torch.randn(num, cfg.model.nz, generator=torch.Generator().manual_seed(seed))
+        per_row = num if asked else math.ceil(math.sqrt(num))
+    labels = None
+    if asked:  # the same latent vectors for every class, a class after another
+        labels = torch.tensor(asked).repeat_interleave(len(z))
+        z = z.repeat(len(asked), 1)
+    samples = G.sample_from(z, labels, batch_size)
+    arrays = {} if labels is None else {"classes": labels.numpy()}
     if points and out_path.suffix == ".npz":
-        atomic_write(out_path, lambda f: np.savez(f, samples=samples.numpy().astype(np.float32)))
+        atomic_write(out_path, lambda f: np.savez(f, samples=samples.numpy().astype(np.float32), **arrays))
     elif points:
         from distgan.toy import scatter_image
 
         plot = scatter_image(samples, cfg.data.source).float().div(255)
         atomic_write(out_path, lambda f: save_png(plot, f))
     elif out_path.suffix == ".npz":
-        atomic_write(out_path, lambda f: np.savez(f, images=to_uint8_nhwc(samples)))
+        atomic_write(out_path, lambda f: np.savez(f, images=to_uint8_nhwc(samples), **arrays))
     else:
         atomic_write(out_path, lambda f: save_png(make_grid(samples, nrow=per_row, value_range=(-1, 1)), f))
-    print(f"wrote {len(samples)} samples of {which} to {out_path}")
+    of = f" of class{'es' if len(asked) > 1 else ''} {','.join(map(str, asked))}" if asked else ""
+    print(f"wrote {len(samples)} samples{of} of {which} to {out_path}")
+
+
+def class_list(value: Any, num_classes: int) -> list[int]:
+    """The classes --class asks for (empty for an unconditional generator): K, K1,K2,... or all (the default)."""
+    if not num_classes:
+        if value is not None:
+            raise ConfigError("--class picks classes of a conditional generator; this one is unconditional")
+        return []
+    if value is None or value == "all":
+        return list(range(num_classes))
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    try:
+        asked = [_whole(item, "class", 0, num_classes - 1) for item in items]
+    except ConfigError as e:
+        raise ConfigError(f"{e} (the generator's classes are 0..{num_classes - 1}, or all)") from None
+    if not asked:
+        raise ConfigError("--class needs at least one class (or all)")
+    return asked
 
 
 def _whole(value: Any, name: str, low: int, high: int | None = None) -> int:
@@ -153,7 +183,10 @@ def _file_name(value: Any, name: str) -> str:
 
 
 def cli(argv: list[str] | None = None) -> None:
-    run_command(main, "distgan.sample", sys.argv[1:] if argv is None else argv, usage=__doc__)
+    argv = sys.argv[1:] if argv is None else argv
+    # `class` is Python's keyword, so the parameter is `classes`; --class is what the user types
+    argv = [re.sub(r"^--class(?==|$)", "--classes", a) for a in argv]
+    run_command(main, "distgan.sample", argv, usage=__doc__)
 
 
 if __name__ == "__main__":

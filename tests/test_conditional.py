@@ -215,3 +215,61 @@ def test_conditional_settings_that_cannot_work_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="needs classes, and data.source 'folder' has none"):
         train(tiny_config(tmp_path / "f", **{"model.conditional": True, "data.source": "folder",
                                               "data.path": str(flat), "train.batch_size": 4}))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def conditional_checkpoint(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("conditional") / "run"
+    train(tiny_config(run_dir, **{"model.conditional": True, "train.steps": 4, "log.images_every": 4}))
+    return run_dir
+
+
+def test_the_sample_grid_has_a_row_per_class(conditional_checkpoint):
+    from PIL import Image
+
+    with Image.open(conditional_checkpoint / "samples_ema" / "step_00000004.png") as grid:
+        width, height = grid.size
+    assert (width - 2) // 34 == 8 and (height - 2) // 34 == 10  # 32-pixel cells, 2-pixel padding: 8 x 10 classes
+
+
+def test_an_exported_conditional_generator_draws_the_asked_classes_as_sample_does(conditional_checkpoint, tmp_path):
+    import numpy as np
+
+    import distgan
+    from distgan import checkpoint, sample
+    from distgan.export import export
+
+    ckpt = checkpoint.list_checkpoints(conditional_checkpoint)[-1]
+    export(ckpt, tmp_path / "G.safetensors")
+    G = distgan.load_generator(tmp_path / "G.safetensors")
+    assert G.num_classes == 10
+    sample.cli(["--generator", str(tmp_path / "G.safetensors"), "--class", "3,5", "--num", "4",
+                "--out", str(tmp_path / "g.npz")])  # fmt: skip
+    sample.cli(["--checkpoint", str(ckpt), "--class=3,5", "--num", "4", "--out", str(tmp_path / "c.npz")])
+    with np.load(tmp_path / "g.npz") as a, np.load(tmp_path / "c.npz") as b:
+        assert a["images"].shape == (8, 32, 32, 1) and a["classes"].tolist() == [3] * 4 + [5] * 4
+        assert np.array_equal(a["images"], b["images"])
+        threes = sample.to_uint8_nhwc(G.sample_from(torch.randn(4, 16, generator=torch.Generator().manual_seed(0)),
+                                                    torch.full((4,), 3)))  # fmt: skip
+        assert np.array_equal(a["images"][:4], threes)  # the same 4 latent vectors for each class
+    sample.cli(["--checkpoint", str(ckpt), "--num", "2", "--interpolate", "3", "--out", str(tmp_path / "all.npz")])
+    with np.load(tmp_path / "all.npz") as every:
+        assert every["images"].shape == (60, 32, 32, 1)  # 10 classes x 2 walks x 3 steps, each walk in its class
+        assert every["classes"].tolist() == [c for c in range(10) for _ in range(6)]
+
+
+def test_class_flags_that_cannot_work_exit_2_and_write_nothing(conditional_checkpoint, tmp_path, capsys):
+    from distgan import checkpoint, sample
+
+    ckpt = str(checkpoint.list_checkpoints(conditional_checkpoint)[-1])
+    for value, message in (("10", "--class must be <= 9"), ("x", "--class must be a whole number")):
+        with pytest.raises(SystemExit) as stop:
+            sample.cli(["--checkpoint", ckpt, "--class", value, "--out", str(tmp_path / "x.png")])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    run_dir = tmp_path / "plain"
+    train(tiny_config(run_dir, **{"train.steps": 2}))
+    with pytest.raises(SystemExit) as stop:
+        sample.cli(["--checkpoint", str(checkpoint.list_checkpoints(run_dir)[-1]), "--class", "3",
+                    "--out", str(tmp_path / "x.png")])  # fmt: skip
+    assert stop.value.code == 2 and "this one is unconditional" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
