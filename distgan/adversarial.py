@@ -56,9 +56,11 @@ def fgsm_attack(
 
 
 @torch.no_grad()
-def _score_sum(D: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Sum of sigmoid(D(x)) over the batch, float64 (a scalar)."""
-    return D(x).float().sigmoid().double().sum()
+def _score_sum(D: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of sigmoid(D(x)) over the batch, float64 (a scalar), and how many verdicts it sums (a packing D gives
+    one per pack)."""
+    logits = D(x)
+    return logits.float().sigmoid().double().sum(), logits.numel()
 
 
 def probe(
@@ -83,10 +85,11 @@ def probe(
     with _eval_mode(D):
         for batch in batches:
             x = batch.to(device)
-            clean += _score_sum(D, x).cpu()
+            total, verdicts = _score_sum(D, x)
+            clean += total.cpu()
             for i, eps in enumerate(eps_list):
-                attacked[i] += _score_sum(D, fgsm_attack(D, x, eps, "real", lo, hi)).cpu()
-            count += x.shape[0]
+                attacked[i] += _score_sum(D, fgsm_attack(D, x, eps, "real", lo, hi))[0].cpu()
+            count += verdicts
     if count == 0:
         raise ValueError("probe needs at least one real image")
     stats = {"fgsm/real_score": clean.item() / count}

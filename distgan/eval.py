@@ -158,6 +158,10 @@ class Evaluator:
                 from distgan.models import WithClasses
 
                 D = WithClasses(D, real_labels.to(self.device))
+            elif self.cfg.model.pack > 1:
+                from distgan.models import Packed
+
+                D = Packed(D, self.cfg.model.pack)
             local_probe = probe(D, [real], lo=bounds[0], hi=bounds[1])
             means = self.runtime.mean(torch.tensor(list(local_probe.values()), device=self.device, dtype=torch.float64))
             results.update(zip(local_probe, means.tolist()))

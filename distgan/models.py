@@ -316,6 +316,17 @@ class WithClasses(nn.Module):
         return self.D(x, self.labels)
 
 
+class Packed(nn.Module):
+    """A PacGAN D as a module of unpacked samples: D(pack(x, m)), one verdict per m samples (for the FGSM probe)."""
+
+    def __init__(self, D: nn.Module, m: int):
+        super().__init__()
+        self.D, self.m = D, m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.D(pack(x, self.m))
+
+
 def pack(x: torch.Tensor, m: int) -> torch.Tensor:
     """PacGAN's packing: m consecutive samples (B, C, ...) as one (B/m, m*C, ...) input of D."""
     if m == 1:

@@ -284,3 +284,16 @@ def test_the_digits_score_ranks_real_digits_before_trained_samples_before_noise(
     fd = {name: digits_score(images)["digits/fd"] for name, images in (("real", real), ("trained", samples),
                                                                        ("noise", noise))}  # fmt: skip
     assert fd["real"] < 1e-3 < fd["trained"] < 0.6 * fd["noise"], fd
+
+
+def test_the_fgsm_probe_of_a_packing_d_scores_its_packs(tmp_path):
+    from distgan.models import build_models, pack
+
+    cfg = tiny_config(tmp_path, **{"model.pack": 2, "eval.num_samples": 8})
+    torch.manual_seed(0)
+    G, D = build_models(cfg.model)
+    real = torch.rand(8, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    out = Evaluator(cfg, ["fgsm"])(G.eval(), D.eval(), real)
+    with torch.no_grad():
+        want = torch.sigmoid(D(pack(real, 2))).double().mean().item()  # 4 verdicts, one per pair
+    assert out["fgsm/real_score"] == pytest.approx(want) and 0 <= out["fgsm/real_score_eps0.03"] <= 1
