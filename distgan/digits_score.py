@@ -278,6 +278,24 @@ class DigitsScorer:
             "digits/confidence": probs.max(1).values.mean().item(),
         }
 
+    @torch.no_grad()
+    def class_scores(self, images: torch.Tensor, asked: torch.Tensor) -> dict[str, float]:
+        """A conditional G's digits: `digits/fd_class{k}`, the Fréchet distance of the images asked to be digit k
+        to the real k's (training's round trip, as digits/fd), for each class asked for at least twice, and
+        `digits/fd_class_mean`, their mean (the intra-class score of conditional GANs, cf. intra-FID)."""
+        from distgan.fid import feature_stats, frechet_distance
+
+        real, labels = self.features(reference_digits()), native_digits()[1]
+        fake = self.features(images)
+        out = {}
+        for k in range(NUM_CLASSES):
+            if int((asked == k).sum()) >= 2:
+                mine = frechet_distance(*feature_stats(fake[asked == k]), *feature_stats(real[labels == k]))
+                out[f"digits/fd_class{k}"] = mine
+        if out:
+            out["digits/fd_class_mean"] = sum(out.values()) / len(out)
+        return out
+
 
 @functools.cache
 def default_scorer() -> DigitsScorer:

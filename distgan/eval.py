@@ -132,6 +132,7 @@ class Evaluator:
                 if self.labels is not None:
                     correct = scorer.classify(samples) == self.labels
                     results.update(class_accuracy(correct, self.labels, self.cfg.model.num_classes))
+                    results.update(scorer.class_scores(samples, self.labels))
             if "modes" in self.metrics:
                 from distgan.toy import asked_mode_hits, mode_metrics
 

@@ -173,7 +173,7 @@ def test_a_conditional_digits_run_resumes_bitwise_and_logs_its_class_accuracy(tm
     rows = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     evaluated = [row for row in rows if "cond/accuracy" in row]
     assert evaluated and all(0 <= row["cond/accuracy_min"] <= row["cond/accuracy"] <= 1 for row in evaluated)
-    assert {f"cond/accuracy_class{c}" for c in range(10)} <= evaluated[-1].keys()
+    assert {f"cond/accuracy_class{c}" for c in range(10)} | {"digits/fd_class_mean"} <= evaluated[-1].keys()
     assert "fgsm/real_score" in evaluated[-1]
 
 
@@ -273,3 +273,16 @@ def test_class_flags_that_cannot_work_exit_2_and_write_nothing(conditional_check
                     "--out", str(tmp_path / "x.png")])  # fmt: skip
     assert stop.value.code == 2 and "this one is unconditional" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_the_per_class_digits_score_is_near_zero_for_real_digits_of_their_own_class():
+    from distgan.data.sources import digits_set
+    from distgan.digits_score import default_scorer
+
+    digits = digits_set(32)
+    images = digits.images.float().div(127.5).sub(1)
+    own = default_scorer().class_scores(images, digits.labels)
+    assert {f"digits/fd_class{k}" for k in range(10)} | {"digits/fd_class_mean"} == own.keys()
+    assert max(own.values()) < 1e-3  # the same images as the reference of each class
+    wrong = default_scorer().class_scores(images, (digits.labels + 1) % 10)  # every 0 asked to be a 1 ...
+    assert min(v for k, v in wrong.items() if k != "digits/fd_class_mean") > 10
