@@ -286,3 +286,12 @@ def test_the_per_class_digits_score_is_near_zero_for_real_digits_of_their_own_cl
     assert max(own.values()) < 1e-3  # the same images as the reference of each class
     wrong = default_scorer().class_scores(images, (digits.labels + 1) % 10)  # every 0 asked to be a 1 ...
     assert min(v for k, v in wrong.items() if k != "digits/fd_class_mean") > 10
+
+
+def test_a_conditional_run_in_bf16_with_the_default_stabilisers_trains_finite(tmp_path):
+    import math
+
+    train(tiny_config(tmp_path, **{"model.conditional": True, "train.precision": "bf16", "reg.every": 1}))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(row[k]) for row in rows for k in ("loss/D", "loss/G", "reg/r1"))
+    assert rows[-1]["train/skipped_steps"] == 0

@@ -168,9 +168,11 @@ def test_gpu_mixed_precision_runs(tmp_path):
     from distgan.train import train
 
     for precision in ("bf16", "fp16"):
-        train(tiny_config(tmp_path / precision, **{"train.precision": precision}))
-        state = checkpoint.load(checkpoint.list_checkpoints(tmp_path / precision)[-1])
-        assert (state["scalers"] != {}) == (precision == "fp16")
+        for conditional in (False, True):
+            run_dir = tmp_path / f"{precision}_{conditional}"
+            train(tiny_config(run_dir, **{"train.precision": precision, "model.conditional": conditional}))
+            state = checkpoint.load(checkpoint.list_checkpoints(run_dir)[-1])
+            assert (state["scalers"] != {}) == (precision == "fp16")
 
 
 def setup_with_batch(rank: int, world_size: int, batch_size: int) -> str:
