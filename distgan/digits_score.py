@@ -282,7 +282,8 @@ class DigitsScorer:
     def class_scores(self, images: torch.Tensor, asked: torch.Tensor) -> dict[str, float]:
         """A conditional G's digits: `digits/fd_class{k}`, the Fréchet distance of the images asked to be digit k
         to the real k's (training's round trip, as digits/fd), for each class asked for at least twice, and
-        `digits/fd_class_mean`, their mean (the intra-class score of conditional GANs, cf. intra-FID)."""
+        `digits/fd_class_mean`, their mean (the intra-class score of conditional GANs, cf. intra-FID), beside
+        `digits/fd_class_floor`."""
         from distgan.fid import feature_stats, frechet_distance
 
         real, labels = self.features(reference_digits()), native_digits()[1]
@@ -294,7 +295,25 @@ class DigitsScorer:
                 out[f"digits/fd_class{k}"] = mine
         if out:
             out["digits/fd_class_mean"] = sum(out.values()) / len(out)
+            out["digits/fd_class_floor"] = self.fd_class_floor
         return out
+
+    @functools.cached_property
+    def fd_class_floor(self) -> float:
+        """digits/fd_class_floor: the mean over the classes of the distance between two disjoint random halves of
+        the real digits of a class (about 90 images each): what real data scores per class, so that
+        digits/fd_class_mean, whose few samples per class bias it upward, reads against it."""
+        from distgan.fid import feature_stats, frechet_distance
+
+        real, labels = self.features(reference_digits()), native_digits()[1]
+        distances = []
+        for k in range(NUM_CLASSES):
+            mine = real[labels == k]
+            order = torch.randperm(mine.shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))
+            half = mine.shape[0] // 2
+            a, b = mine[order[:half]], mine[order[half:]]
+            distances.append(frechet_distance(*feature_stats(a), *feature_stats(b)))
+        return sum(distances) / len(distances)
 
 
 @functools.cache

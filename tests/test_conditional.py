@@ -282,10 +282,11 @@ def test_the_per_class_digits_score_is_near_zero_for_real_digits_of_their_own_cl
     digits = digits_set(32)
     images = digits.images.float().div(127.5).sub(1)
     own = default_scorer().class_scores(images, digits.labels)
+    floor = own.pop("digits/fd_class_floor")
     assert {f"digits/fd_class{k}" for k in range(10)} | {"digits/fd_class_mean"} == own.keys()
-    assert max(own.values()) < 1e-3  # the same images as the reference of each class
+    assert max(own.values()) < 1e-3 < floor  # the same images as the reference of each class; halves differ
     wrong = default_scorer().class_scores(images, (digits.labels + 1) % 10)  # every 0 asked to be a 1 ...
-    assert min(v for k, v in wrong.items() if k != "digits/fd_class_mean") > 10
+    assert min(v for k, v in wrong.items() if k.startswith("digits/fd_class") and k[-1].isdigit()) > 10 * floor
 
 
 def test_a_conditional_run_in_bf16_with_the_default_stabilisers_trains_finite(tmp_path):
