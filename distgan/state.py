@@ -54,6 +54,9 @@ FIXED_ON_RESUME = (
     "model.spectral_norm",
     "model.pack",
     "model.latent_codes",
+    "model.conditional",
+    "model.num_classes",
+    "model.g_conditioning",
     "data.source",
 )
 

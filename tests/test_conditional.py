@@ -296,3 +296,12 @@ def test_a_conditional_run_in_bf16_with_the_default_stabilisers_trains_finite(tm
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(row[k]) for row in rows for k in ("loss/D", "loss/G", "reg/r1"))
     assert rows[-1]["train/skipped_steps"] == 0
+
+
+def test_a_resume_cannot_switch_conditioning(tmp_path):
+    train(tiny_config(tmp_path, **{"model.conditional": True, "train.steps": 2}))
+    with pytest.raises(ConfigError, match="model.conditional cannot change on resume"):
+        train(tiny_config(tmp_path, **{"train.steps": 4}))
+    with pytest.raises(ConfigError, match="model.g_conditioning cannot change on resume"):
+        train(tiny_config(tmp_path, **{"model.conditional": True, "model.g_conditioning": "input", "train.steps": 4}))
+    train(tiny_config(tmp_path, **{"model.conditional": True, "train.steps": 4}))  # num_classes 0: the data's 10
