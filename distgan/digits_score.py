@@ -286,17 +286,21 @@ class DigitsScorer:
         `digits/fd_class_floor`."""
         from distgan.fid import feature_stats, frechet_distance
 
-        real, labels = self.features(reference_digits()), native_digits()[1]
         fake = self.features(images)
         out = {}
-        for k in range(NUM_CLASSES):
+        for k, real in enumerate(self._real_features_by_class):
             if int((asked == k).sum()) >= 2:
-                mine = frechet_distance(*feature_stats(fake[asked == k]), *feature_stats(real[labels == k]))
-                out[f"digits/fd_class{k}"] = mine
+                out[f"digits/fd_class{k}"] = frechet_distance(*feature_stats(fake[asked == k]), *feature_stats(real))
         if out:
             out["digits/fd_class_mean"] = sum(out.values()) / len(out)
             out["digits/fd_class_floor"] = self.fd_class_floor
         return out
+
+    @functools.cached_property
+    def _real_features_by_class(self) -> list[torch.Tensor]:
+        """The reference digits' features (n_k, 64), one tensor per class: computed once per scorer."""
+        real, labels = self.features(reference_digits()), native_digits()[1]
+        return [real[labels == k] for k in range(NUM_CLASSES)]
 
     @functools.cached_property
     def fd_class_floor(self) -> float:
@@ -305,10 +309,8 @@ class DigitsScorer:
         digits/fd_class_mean, whose few samples per class bias it upward, reads against it."""
         from distgan.fid import feature_stats, frechet_distance
 
-        real, labels = self.features(reference_digits()), native_digits()[1]
         distances = []
-        for k in range(NUM_CLASSES):
-            mine = real[labels == k]
+        for mine in self._real_features_by_class:
             order = torch.randperm(mine.shape[0], generator=torch.Generator().manual_seed(SPLIT_SEED))
             half = mine.shape[0] // 2
             a, b = mine[order[:half]], mine[order[half:]]

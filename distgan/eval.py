@@ -36,7 +36,7 @@ from distgan.config import (
 )
 from distgan.dist import Runtime
 from distgan.files import atomic_write
-from distgan.models import generate
+from distgan.models import classes_in_turn, generate_in_batches
 from distgan.state import load_models
 
 # Part of every reference-feature cache key: change it whenever the way real images become features changes
@@ -69,7 +69,7 @@ class Evaluator:
         self.z = rng.eval_noise(cfg.run.seed, cfg.eval.num_samples, cfg.model.nz)  # (N, nz)
         # A conditional G is asked for the classes in turn: sample i of class i % K, every class (nearly) equally.
         k = cfg.model.num_classes if cfg.model.conditional else 0
-        self.labels = torch.arange(cfg.eval.num_samples) % k if k else None
+        self.labels = classes_in_turn(cfg.eval.num_samples, k) if k else None
         self._extractor, self._extractor_id = extractor, extractor_id
         self._real_features: torch.Tensor | None = None
         if {"fid", "kid"} & set(self.metrics) and extractor is None:
@@ -90,14 +90,9 @@ class Evaluator:
         """This rank's share of the evaluation samples, (n, C, H, W) images or (n, 2) points, on the device."""
         from distgan.fid import split_for_rank
 
-        share, batch = split_for_rank(self.cfg.eval.num_samples, self.rank, self.world), self.cfg.eval.batch_size
-        z = self.z[share.start : share.stop].split(batch)
-        labels = self.labels[share.start : share.stop].split(batch) if self.labels is not None else [None] * len(z)
-        chunks = [
-            generate(G, chunk.to(self.device), None if y is None else y.to(self.device)).float()
-            for chunk, y in zip(z, labels, strict=True)
-        ]
-        return torch.cat(chunks) if chunks else torch.empty(0, device=self.device)
+        share = split_for_rank(self.cfg.eval.num_samples, self.rank, self.world)
+        labels = self.labels[share.start : share.stop] if self.labels is not None else None
+        return generate_in_batches(G, self.z[share.start : share.stop], labels, self.cfg.eval.batch_size, self.device)
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """Every rank's rows in rank order, on the CPU of every rank (every rank must call it)."""

@@ -46,7 +46,7 @@ class Sampling:
                 raise ValueError("this generator is unconditional: it takes no classes")
             return self.sample_from(z, batch_size=batch_size)
         if classes is None:
-            labels = torch.arange(n) % self.num_classes
+            labels = classes_in_turn(n, self.num_classes)
         else:
             labels = torch.as_tensor(classes, dtype=torch.long).flatten()
             labels = labels.expand(n) if labels.numel() == 1 else labels
@@ -60,14 +60,12 @@ class Sampling:
         """The outputs for the latent vectors z (N, nz) (and classes (N,)), on the CPU, in eval mode, batch_size
         at a time."""
         check_labels(labels, self.num_classes, "generator")
-        device = next(self.parameters()).device
-        parts = labels.split(batch_size) if labels is not None else [None] * len(z.split(batch_size))
-        return torch.cat(
-            [
-                generate(self, chunk.to(device), None if y is None else y.to(device)).float().cpu()
-                for chunk, y in zip(z.split(batch_size), parts, strict=True)
-            ]
-        )
+        return generate_in_batches(self, z, labels, batch_size, next(self.parameters()).device, torch.device("cpu"))
+
+
+def classes_in_turn(n: int, num_classes: int) -> torch.Tensor:
+    """The classes of n samples that ask for every class equally: sample i of class i % num_classes."""
+    return torch.arange(n) % num_classes
 
 
 class ConditionalBatchNorm2d(nn.Module):
@@ -332,6 +330,26 @@ def pack(x: torch.Tensor, m: int) -> torch.Tensor:
     if m == 1:
         return x
     return x.reshape(x.shape[0] // m, m * x.shape[1], *x.shape[2:])
+
+
+def generate_in_batches(
+    G: nn.Module,
+    z: torch.Tensor,
+    labels: torch.Tensor | None,
+    batch_size: int,
+    device: torch.device,
+    out_device: torch.device | None = None,
+) -> torch.Tensor:
+    """generate() for the latent vectors z (N, nz) (and classes (N,)), batch_size at a time on device; float32
+    outputs, each batch moved to out_device (default: device) as it comes."""
+    out_device = out_device or device
+    chunks = z.split(batch_size)
+    classes = labels.split(batch_size) if labels is not None else [None] * len(chunks)
+    outputs = [
+        generate(G, chunk.to(device), None if y is None else y.to(device)).float().to(out_device)
+        for chunk, y in zip(chunks, classes, strict=True)
+    ]
+    return torch.cat(outputs) if outputs else torch.empty(0, device=out_device)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from distgan import checkpoint, dist, rng
 from distgan.config import Config, ConfigError, describe, eval_metrics, is_points, load_config, run_command, to_yaml
 from distgan.dist import Runtime, StopVote
 from distgan.eval import Evaluator
+from distgan.models import classes_in_turn
 from distgan.rundir import RunDir
 from distgan.state import TrainState, changed_keys, find_resume
 from distgan.step import train_step
@@ -119,7 +120,7 @@ def fixed_inputs(cfg: Config, device: torch.device) -> tuple[torch.Tensor, torch
         num = NUM_FIXED_POINTS if is_points(cfg) else NUM_FIXED_SAMPLES
         return rng.fixed_noise(cfg.run.seed, num, m.nz).to(device), None
     if is_points(cfg):
-        labels = torch.arange(NUM_FIXED_POINTS) % m.num_classes
+        labels = classes_in_turn(NUM_FIXED_POINTS, m.num_classes)
         return rng.fixed_noise(cfg.run.seed, NUM_FIXED_POINTS, m.nz).to(device), labels.to(device)
     z = rng.fixed_noise(cfg.run.seed, GRID_COLUMNS, m.nz).repeat(m.num_classes, 1)  # (K * 8, nz)
     return z.to(device), torch.arange(m.num_classes).repeat_interleave(GRID_COLUMNS).to(device)
