@@ -4,6 +4,7 @@
     python -m distgan.bench train [--config FILE] [--steps 40] [--processes 1,2] [--precisions fp32,bf16] [--window 5]
     python -m distgan.bench compare [--images DIR] [--steps 30] [--precisions fp32,bf16] [--workers 2] [--rounds 1]
     python -m distgan.bench collectives [--config FILE] [--batch_size 64] [--processes 2] [--sync_bn=false]
+    python -m distgan.bench metrics [--real 1797] [--fake 2000] [--classes 10] [--features 2048] [--threads 1]
 
 `data`: images/s of the shard reader versus the torchvision ImageFolder + Resize + CenterCrop + ToTensor +
 Normalize loader that the DCGAN examples use, over the same source images with the same worker count. FOLDER is
@@ -20,6 +21,10 @@ figure is the median of per-window rates after a warm-up window; --rounds R alte
 
 `collectives`: what one DDP training step sends between processes (gradient buckets and their bytes, the synced
 batch norm's small collectives), counted on CPU processes joined by gloo.
+
+`metrics`: seconds of FID/KID over all samples and within each class (intra-FID/KID) on random features of
+Inception's width, and one class's Fréchet distance through the F x F covariances against the N x M cross-product
+that distgan uses below F rows (the same number, printed side by side).
 """
 
 from __future__ import annotations
@@ -437,7 +442,46 @@ def compare(
     return results
 
 
-COMMANDS = {"data": data, "train": train, "compare": compare, "collectives": collectives}
+def metrics(
+    real: int = 1797, fake: int = 2000, classes: int = 10, features: int = 2048, threads: int = 1
+) -> dict[str, float]:
+    """Print and return the seconds of FID/KID over all rows and within each class, and one class's distance by
+    both formulas."""
+    from distgan.fid import feature_stats, fid_kid, fid_kid_by_class, frechet_distance, frechet_distance_of_rows
+
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    real_rows, fake_rows = torch.randn(real, features, generator=gen), torch.randn(fake, features, generator=gen)
+    real_labels, fake_labels = torch.arange(real) % classes, torch.arange(fake) % classes
+    timings = {}
+
+    def timed(name: str, fn):
+        start = time.perf_counter()
+        value = fn()
+        timings[name] = time.perf_counter() - start
+        return value
+
+    timed("fid_kid over all", lambda: fid_kid(real_rows, fake_rows))
+    timed(
+        f"fid_kid within {classes} classes",
+        lambda: fid_kid_by_class(real_rows, real_labels, fake_rows, fake_labels, classes),
+    )
+    one_real, one_fake = real_rows[real_labels == 0].double(), fake_rows[fake_labels == 0].double()
+    by_cov = timed(
+        "one class, F x F covariances", lambda: frechet_distance(*feature_stats(one_real), *feature_stats(one_fake))
+    )
+    by_rows = timed("one class, N x M cross-product", lambda: frechet_distance_of_rows(one_real, one_fake))
+    print(f"{real} real, {fake} fake rows of {features} features, {classes} classes, {threads} thread(s)")
+    for name, seconds in timings.items():
+        print(f"{name:<36}{seconds:>10.2f} s")
+    print(
+        f"one class's distance: {by_cov:.4f} (covariances), {by_rows:.4f} (cross-product); "
+        f"{timings['one class, F x F covariances'] / timings['one class, N x M cross-product']:.0f}x faster"
+    )
+    return timings
+
+
+COMMANDS = {"data": data, "train": train, "compare": compare, "collectives": collectives, "metrics": metrics}
 
 
 def cli(argv: list[str] | None = None) -> None:

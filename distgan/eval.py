@@ -15,6 +15,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from distgan.state import load_models
 
 # Part of every reference-feature cache key: change it whenever the way real images become features changes
 # (reading, resizing, quantising, the extractor's input handling), so that no stale cache is reused.
-FEATURES_VERSION = "reference-features-v1"
+FEATURES_VERSION = "reference-features-v2"  # v2: with class labels; a folder's set spread over its files
 
 
 class Evaluator:
@@ -70,8 +71,9 @@ class Evaluator:
         # A conditional G is asked for the classes in turn: sample i of class i % K, every class (nearly) equally.
         k = cfg.model.num_classes if cfg.model.conditional else 0
         self.labels = classes_in_turn(cfg.eval.num_samples, k) if k else None
+        self._warned_classes = False  # the warning about classes left out of intra-FID, once a run
         self._extractor, self._extractor_id = extractor, extractor_id
-        self._real_features: torch.Tensor | None = None
+        self._real_features: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, F) features, (N,) classes
         if {"fid", "kid"} & set(self.metrics) and extractor is None:
             from distgan.fid import INCEPTION_SHA256, inception_weights_path, load_inception
 
@@ -164,29 +166,58 @@ class Evaluator:
         return results
 
     def fid_kid(self, local: torch.Tensor) -> dict[str, float]:
-        from distgan.fid import extract_features, fid_kid, reference_features, to_inception_input
+        from distgan.fid import extract_features, fid_kid, fid_kid_by_class, to_inception_input
 
         self._extractor.to(self.device)
         batches = (to_inception_input(chunk) for chunk in local.split(self.cfg.eval.batch_size))
-        fake = extract_features(self._extractor, batches, self.runtime)
+        fake = extract_features(self._extractor, batches, self.runtime)  # every rank's, in the order of self.labels
         if self._real_features is None:
-            key, _, reader = reference_set(self.cfg)
-
-            def extract() -> torch.Tensor:
-                real_batches = (
-                    to_inception_input(b.to(self.device).float().mul(2 / 255).sub(1))
-                    for b in reader(self.rank, self.world, self.cfg.eval.batch_size)
-                )
-                return extract_features(self._extractor, real_batches, self.runtime)
-
-            key = [*key, self._extractor_id, FEATURES_VERSION]  # one writer per node's cache:
-            self._real_features = reference_features(key, extract, self.runtime, self.runtime.is_local_main)
-        scores = fid_kid(self._real_features, fake)
+            self._real_features = self._reference()
+        real, real_labels = self._real_features
+        scores = fid_kid(real, fake)
         out = {}
         if "fid" in self.metrics:
             out["eval/fid"] = float(scores["fid"])
         if "kid" in self.metrics:
             out["eval/kid"], out["eval/kid_std"] = float(scores["kid_mean"]), float(scores["kid_std"])
+        if self.labels is not None:
+            k = self.cfg.model.num_classes
+            out.update(self._within_classes(fid_kid_by_class(real, real_labels, fake, self.labels, k)))
+        return out
+
+    def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real images' features and classes, from the cache or extracted by every rank (one writer a node)."""
+        from distgan.fid import extract_features, reference_features, to_inception_input
+
+        key, _, reader = reference_set(self.cfg)
+        labels: list[torch.Tensor] = []
+
+        def real_batches() -> Iterator[torch.Tensor]:
+            for images, classes in reader(self.rank, self.world, self.cfg.eval.batch_size):
+                labels.append(classes)
+                yield to_inception_input(images.to(self.device).float().mul(2 / 255).sub(1))
+
+        def extract() -> tuple[torch.Tensor, torch.Tensor]:
+            features = extract_features(self._extractor, real_batches(), self.runtime)
+            local = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
+            return features, torch.cat(self.runtime.gather_objects(local))  # rank order, as the features
+
+        return reference_features([*key, self._extractor_id, FEATURES_VERSION], extract, self.runtime,
+                                  self.runtime.is_local_main)  # fmt: skip
+
+    def _within_classes(self, by_class: tuple[dict[int, dict[str, float]], list[int]]) -> dict[str, float]:
+        """Intra-FID/KID: each class's FID (KID) against the real images of that class, and their mean."""
+        scores, missing = by_class
+        if missing and not self._warned_classes:
+            self._warned_classes = True
+            warnings.warn(f"FID/KID within classes leave out classes {missing}: fewer than 2 of their images among "
+                          f"the {self.cfg.eval.num_real} real images of the reference (eval.num_real) or the "
+                          f"{self.cfg.eval.num_samples} samples (eval.num_samples)", stacklevel=2)  # fmt: skip
+        out: dict[str, float] = {}
+        for metric, name in (("fid", "fid"), ("kid", "kid_mean")):
+            if metric in self.metrics and scores:
+                out.update({f"eval/{metric}_class{k}": float(s[name]) for k, s in scores.items()})
+                out[f"eval/{metric}_class_mean"] = sum(s[name] for s in scores.values()) / len(scores)
         return out
 
 
@@ -205,9 +236,12 @@ def class_accuracy(correct: torch.Tensor, labels: torch.Tensor, num_classes: int
 def reference_set(cfg: Config) -> tuple[list[str], int, callable]:
     """What defines the real images FID/KID compare against (the cache key), how many, and a per-rank reader.
 
-    The reference is the first eval.num_real images of the data source in a fixed order (the manifest's shard
-    order for shards, sorted file names for a folder), read without shuffling or flips; the reader gives rank r
-    of w its contiguous share as uint8 (B, C, S, S) batches, so the set is the same for every world size.
+    The reference is eval.num_real images of the data source in a fixed order, read without shuffling or flips:
+    for shards the first ones in the manifest's shard order (`prepare` wrote them in a seeded random order); for
+    the digits, a folder (sorted file names, so sorted by class) and the synthetic set, ones spread evenly over
+    the whole set (all of them when there are at most eval.num_real), so that every class is in it. The reader
+    gives rank r of w its contiguous share as (uint8 (B, C, S, S) images, int64 (B,) classes) batches, so the
+    set is the same for every world size.
     """
     d, size, channels = cfg.data, cfg.model.image_size, cfg.model.channels
     common = [f"size {size}", f"channels {channels}"]
@@ -220,9 +254,9 @@ def reference_set(cfg: Config) -> tuple[list[str], int, callable]:
         key = ["shards", *(f"{shard_identity(s)} {s.samples}" for s in shard_set.shards), *common, f"count {count}"]
         return key, count, lambda rank, world, batch: _shard_images(shard_set, count, rank, world, batch, cfg)
     if d.source == "digits":
-        from distgan.data.sources import TensorImages, load_digits
+        from distgan.data.sources import digits_set
 
-        images, key = TensorImages(load_digits(size)), ["digits", "sklearn load_digits bilinear"]
+        images, key = digits_set(size), ["digits", "sklearn load_digits bilinear"]
     elif d.source == "synthetic":
         from distgan.data.sources import SyntheticImages
 
@@ -244,16 +278,24 @@ def reference_set(cfg: Config) -> tuple[list[str], int, callable]:
     )
 
 
-def _indexed_images(images, count: int, rank: int, world: int, batch: int) -> Iterator[torch.Tensor]:
+def _indexed_images(
+    images, count: int, rank: int, world: int, batch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank's share of `count` images spread evenly over the set (index i * len // count), with their classes."""
     from distgan.fid import split_for_rank
 
     share = split_for_rank(count, rank, world)
     for start in range(share.start, share.stop, batch):
-        yield images.get(torch.arange(start, min(start + batch, share.stop)))[0]
+        chosen = torch.arange(start, min(start + batch, share.stop)) * len(images) // count
+        pixels, labels, _ = images.get(chosen)
+        yield pixels, labels
 
 
-def _shard_images(shard_set, count: int, rank: int, world: int, batch: int, cfg: Config) -> Iterator[torch.Tensor]:
-    """Rank's share of the first `count` decodable images of the shards, in shard order, in batches."""
+def _shard_images(
+    shard_set, count: int, rank: int, world: int, batch: int, cfg: Config
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Rank's share of the first `count` decodable images of the shards, in shard order, in batches with their
+    classes (NO_CLASS for a sample without a valid `cls`)."""
     from distgan.data.shards import tar_samples
     from distgan.fid import split_for_rank
 
@@ -278,25 +320,29 @@ def _shard_images(shard_set, count: int, rank: int, world: int, batch: int, cfg:
         yield from _nonempty(_decoded(pending, cfg))
 
 
-def _nonempty(batch: torch.Tensor) -> Iterator[torch.Tensor]:
-    if len(batch):
+def _nonempty(batch: tuple[torch.Tensor, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    if len(batch[0]):
         yield batch
 
 
-def _decoded(samples: list[dict], cfg: Config) -> torch.Tensor:
-    from distgan.data.shards import decode
+def _decoded(samples: list[dict], cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    from distgan.data.indexed import NO_CLASS
+    from distgan.data.shards import decode, sample_class
 
-    images = [image for image in decode(samples, cfg.model.channels) if not isinstance(image, str)]
+    decoded = [(image, sample) for image, sample in zip(decode(samples, cfg.model.channels), samples)
+               if not isinstance(image, str)]  # fmt: skip
+    images = [image for image, _ in decoded]
+    classes = [sample_class(sample) for _, sample in decoded]
+    labels = torch.tensor([c if isinstance(c, int) else NO_CLASS for c in classes], dtype=torch.long)
     size = cfg.model.image_size
     resized = [
         image if image.shape[-2:] == (size, size) else F.interpolate(image[None].float(), (size, size), mode="area")[0]
         for image in images
     ]
     if not resized:  # every sample of the batch was unreadable
-        return torch.empty(0, cfg.model.channels, size, size, dtype=torch.uint8)
-    return torch.stack(
-        [image.round().clamp(0, 255).byte() if image.is_floating_point() else image for image in resized]
-    )
+        return torch.empty(0, cfg.model.channels, size, size, dtype=torch.uint8), labels
+    pixels = [image.round().clamp(0, 255).byte() if image.is_floating_point() else image for image in resized]
+    return torch.stack(pixels), labels
 
 
 def parse_metrics(metrics: str | list | tuple | None, cfg: Config) -> list[str]:

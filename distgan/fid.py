@@ -110,6 +110,19 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     return float(_compute_fid(mu1.double(), sigma1.double(), mu2.double(), sigma2.double()))
 
 
+def frechet_distance_of_rows(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The Fréchet distance between the Gaussians fitted to feature rows a (N, F) and b (M, F), in float64, through
+    the N x M cross-product instead of the F x F covariances: with A, B the centred rows, the nonzero eigenvalues
+    of cov(a) cov(b) = A'A B'B / ((N-1)(M-1)) are the squared singular values of A B' / sqrt((N-1)(M-1)), so the
+    trace of its square root is their sum. Exact; the cheaper form when N or M is below F."""
+    a, b = a.double(), b.double()
+    centred_a, centred_b = a - a.mean(0), b - b.mean(0)
+    scale = ((len(a) - 1) * (len(b) - 1)) ** 0.5
+    trace_sqrt = torch.linalg.svdvals(centred_a @ centred_b.T).sum() / scale
+    traces = centred_a.square().sum() / (len(a) - 1) + centred_b.square().sum() / (len(b) - 1)
+    return float((a.mean(0) - b.mean(0)).square().sum() + traces - 2 * trace_sqrt)
+
+
 class _Given(nn.Module):
     """Features in, features out: lets torchmetrics' metrics run on features computed elsewhere."""
 
@@ -146,9 +159,13 @@ def fid_kid(
     real = real_features.to(device, torch.float64)  # (N_real, F)
     fake = fake_features.to(torch.float64)  # (N_fake, F)
     num_features = real.shape[1]
-    fid = FrechetInceptionDistance(feature=_Given(num_features), sync_on_compute=False).to(device)
-    fid.update(real, real=True)
-    fid.update(fake, real=False)
+    if min(len(real), len(fake)) < num_features:  # as within a class: exact, and ~100x faster at F = 2048
+        fid_value = frechet_distance_of_rows(real, fake)
+    else:
+        fid = FrechetInceptionDistance(feature=_Given(num_features), sync_on_compute=False).to(device)
+        fid.update(real, real=True)
+        fid.update(fake, real=False)
+        fid_value = float(fid.compute())
     subset_size = min(kid_subset_size, len(real), len(fake))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features in buffer.*")
@@ -160,7 +177,28 @@ def fid_kid(
     with torch.random.fork_rng(devices=[]):  # KID draws its subsets with torch.randperm on the CPU generator
         torch.manual_seed(seed)
         kid_mean, kid_std = kid.compute()
-    return {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+    return {"fid": fid_value, "kid_mean": float(kid_mean), "kid_std": float(kid_std)}
+
+
+def fid_kid_by_class(
+    real_features: torch.Tensor,
+    real_labels: torch.Tensor,
+    fake_features: torch.Tensor,
+    fake_labels: torch.Tensor,
+    num_classes: int,
+    **kwargs,
+) -> tuple[dict[int, dict[str, float]], list[int]]:
+    """fid_kid within each class (intra-FID): {class: its fid_kid} for the classes with at least 2 real and 2 fake
+    rows, and the classes left out for lack of them. Labels (N,) belong to the feature rows (N, F)."""
+    real_labels, fake_labels = real_labels.to(real_features.device), fake_labels.to(fake_features.device)
+    scores, missing = {}, []
+    for k in range(num_classes):
+        real, fake = real_features[real_labels == k], fake_features[fake_labels == k]
+        if min(len(real), len(fake)) < 2:
+            missing.append(k)
+        else:
+            scores[k] = fid_kid(real, fake, **kwargs)
+    return scores, missing
 
 
 def split_for_rank(num: int, rank: int, world: int) -> range:
@@ -199,20 +237,23 @@ def extract_features(
     return torch.cat([rows[:n] for rows, n in zip(everyone, counts)]).to(device)
 
 
-def _load_cached(path: Path) -> torch.Tensor | None:
-    """The cached features at path; None if there are none, or (with a warning) if the file is unreadable."""
+def _load_cached(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached features and labels at path; None if there are none, or (with a warning) if the file is
+    unreadable."""
     if not path.is_file():
         return None
     try:
         stored = torch.load(path, map_location="cpu", weights_only=True)
-        features = stored["features"]
+        features, labels = stored["features"], stored["labels"]
         if not (isinstance(features, torch.Tensor) and features.dim() == 2 and stored["key"] == path.stem):
             raise ValueError("not a (N, F) feature tensor stored under this key")
+        if not (isinstance(labels, torch.Tensor) and labels.shape == features.shape[:1]):
+            raise ValueError("its labels are not one per feature row")
     except Exception as e:
         warnings.warn(f"reference features {path} are unreadable ({type(e).__name__}: {e}); recomputing them",
                       stacklevel=3)  # fmt: skip
         return None
-    return features
+    return features, labels
 
 
 def _save_cached(path: Path, state: dict) -> None:
@@ -230,11 +271,12 @@ def reference_path(key_parts: Sequence[str | bytes]) -> Path:
 
 def reference_features(
     key_parts: Sequence[str | bytes],
-    extract_fn: Callable[[], torch.Tensor],
+    extract_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
     runtime: Runtime | None = None,
     is_main: bool = True,
-) -> torch.Tensor:
-    """Reference features (N, F) float32 on the CPU: from the cache, else extract_fn() (then cached).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference features (N, F) float32 and their class labels (N,) int64 on the CPU: from the cache, else
+    extract_fn() (then cached).
 
     key_parts are everything that defines the set (data checksums, source, image size, channels, count,
     the extractor's identity). With a runtime, every rank must call it: the ranks agree to recompute if
@@ -242,13 +284,16 @@ def reference_features(
     is_main write the file.
     """
     path = reference_path(key_parts)
-    features = _load_cached(path)
-    if runtime is not None and runtime.any(features is None):
-        features = None
-    if features is None:
-        features = extract_fn().detach().float().cpu()  # (N, F)
-        if features.dim() != 2:
-            raise ValueError(f"extract_fn must return (N, F) features, got shape {tuple(features.shape)}")
-        if is_main:
-            _save_cached(path, {"key": path.stem, "features": features})
-    return features
+    cached = _load_cached(path)
+    if runtime is not None and runtime.any(cached is None):
+        cached = None
+    if cached is not None:
+        return cached
+    features, labels = extract_fn()
+    features, labels = features.detach().float().cpu(), labels.detach().long().cpu()  # (N, F), (N,)
+    if features.dim() != 2 or labels.shape != features.shape[:1]:
+        shapes = f"{tuple(features.shape)} and {tuple(labels.shape)}"
+        raise ValueError(f"extract_fn must return (N, F) features and (N,) labels, got shapes {shapes}")
+    if is_main:
+        _save_cached(path, {"key": path.stem, "features": features, "labels": labels})
+    return features, labels

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import run_cli
 
@@ -50,3 +51,15 @@ def test_collectives_counts_each_networks_gradient_bytes_once_per_step(tmp_path)
     bn_layers = sum(isinstance(m, torch.nn.BatchNorm2d) for m in (*G.modules(), *D.modules()))
     other = result.stdout.split("DDP bookkeeping): ")[1]
     assert int(other.split(" all_gather")[0].split()[-1]) >= bn_layers  # each synced BN layer gathers its stats
+
+
+def test_metrics_benchmark_prints_both_formulas_of_one_class(tmp_path):
+    import re
+
+    result = run_cli("distgan.bench", "metrics", "--real", "60", "--fake", "50", "--features", "32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "fid_kid within 10 classes" in result.stdout
+    by_cov, by_rows = re.search(
+        r"distance: ([\d.]+) \(covariances\), ([\d.]+) \(cross-product\)", result.stdout
+    ).groups()
+    assert float(by_cov) == pytest.approx(float(by_rows), rel=1e-3)  # the two formulas of one distance

@@ -305,3 +305,28 @@ def test_a_resume_cannot_switch_conditioning(tmp_path):
     with pytest.raises(ConfigError, match="model.g_conditioning cannot change on resume"):
         train(tiny_config(tmp_path, **{"model.conditional": True, "model.g_conditioning": "input", "train.steps": 4}))
     train(tiny_config(tmp_path, **{"model.conditional": True, "train.steps": 4}))  # num_classes 0: the data's 10
+
+
+def test_a_conditional_run_is_scored_within_each_class_against_that_class_of_the_reference(
+    conditional_checkpoint, tmp_path, monkeypatch
+):
+    from test_eval import TinyFeatures
+
+    from distgan import checkpoint
+    from distgan.eval import Evaluator
+    from distgan.state import load_models
+
+    monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))
+    cfg, G, _, _ = load_models(checkpoint.list_checkpoints(conditional_checkpoint)[-1])
+    cfg.eval.num_samples, cfg.eval.num_real, cfg.eval.batch_size = 60, 200, 32  # 6 samples, 20 reals a class
+    scores = Evaluator(cfg, ["fid", "kid"], None, TinyFeatures(), "tiny-v1")(G)
+    for metric in ("fid", "kid"):
+        per_class = [scores[f"eval/{metric}_class{k}"] for k in range(10)]
+        assert scores[f"eval/{metric}_class_mean"] == pytest.approx(sum(per_class) / 10)
+    assert all(scores[f"eval/fid_class{k}"] > 0 for k in range(10)) and scores["eval/fid"] > 0
+    cfg.eval.num_samples = 15  # classes 5-9 get one sample each: left out, with a warning that says why
+    with pytest.warns(UserWarning, match=r"leave out classes \[5, 6, 7, 8, 9\]: fewer than 2"):
+        few = Evaluator(cfg, ["fid"], None, TinyFeatures(), "tiny-v1")(G)
+    assert {k for k in few if k.startswith("eval/fid_class")} == {f"eval/fid_class{k}" for k in [0, 1, 2, 3, 4]} | {
+        "eval/fid_class_mean"
+    }

@@ -138,8 +138,13 @@ def test_reference_features_are_cached_by_content(digits_run, tmp_path):
     path = reference_path([*key, "tiny-v1", FEATURES_VERSION])
     path.unlink(missing_ok=True)
     Evaluator(cfg, ["fid"], None, TinyFeatures(), "tiny-v1")(G)
-    cached = torch.load(path, weights_only=True)["features"]
-    assert cached.shape == (123, 16)
+    cached = torch.load(path, weights_only=True)
+    assert cached["features"].shape == (123, 16)
+    # The digits' classes beside them, of the 123 images spread evenly over the 1,797 (not the first 123).
+    from distgan.data.sources import digits_set
+
+    digit_labels = digits_set(cfg.model.image_size).labels
+    assert torch.equal(cached["labels"], digit_labels[torch.arange(123) * len(digit_labels) // 123])
     cfg.eval.num_real = 124  # another reference set: another file
     assert reference_path([*reference_set(cfg)[0], "tiny-v1", FEATURES_VERSION]) != path
 

@@ -60,6 +60,17 @@ def test_sample_statistics_approach_the_closed_form():
     assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, abs=0.1)
 
 
+def test_frechet_distance_of_few_rows_is_the_covariance_formula():
+    gen = torch.Generator().manual_seed(4)
+    for rows_a, rows_b, dim in ((30, 50, 64), (50, 30, 64), (20, 20, 8)):  # below F (rank-deficient), and above
+        a = torch.randn(rows_a, dim, generator=gen, dtype=torch.float64)
+        b = torch.randn(rows_b, dim, generator=gen, dtype=torch.float64) * 1.5 + 0.3
+        want = fid.frechet_distance(*fid.feature_stats(a), *fid.feature_stats(b))
+        assert fid.frechet_distance_of_rows(a, b) == pytest.approx(want, rel=1e-6)
+        assert fid.fid_kid(a, b)["fid"] == pytest.approx(want, rel=1e-6)
+    assert abs(fid.frechet_distance_of_rows(a, a)) < 1e-9
+
+
 def test_kid_is_zero_for_one_distribution_and_grows_with_a_shift():
     # Two samples of one distribution: drawing both KID subsets from one and the same set would not give ~0
     # (points in both subsets add their self-similarity to the cross term).
@@ -210,15 +221,17 @@ def tiny_features(images: torch.Tensor) -> torch.Tensor:
 def test_reference_features_are_cached_by_content(tmp_path, monkeypatch):
     monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))
     calls = []
+    labels = torch.arange(40) % 3
 
-    def extract() -> torch.Tensor:
+    def extract() -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(1)
-        return tiny_features(smooth_images(40, seed=0))
+        return tiny_features(smooth_images(40, seed=0)), labels
 
     key = ["digits", "size 16", "channels 3", "num 40", "tiny"]
-    first = fid.reference_features(key, extract)
-    again = fid.reference_features(key, extract)
+    first, first_labels = fid.reference_features(key, extract)
+    again, again_labels = fid.reference_features(key, extract)
     assert len(calls) == 1 and first.shape == (40, 16) and torch.equal(first, again)
+    assert torch.equal(first_labels, labels) and torch.equal(again_labels, labels)
     assert fid.reference_path(key).parent == tmp_path / "cache" / "fid" and fid.reference_path(key).is_file()
 
     other = [*key[:-1], "another extractor"]
@@ -228,10 +241,30 @@ def test_reference_features_are_cached_by_content(tmp_path, monkeypatch):
 
     fid.reference_path(key).write_bytes(b"truncated")
     with pytest.warns(UserWarning, match="unreadable"):
-        recomputed = fid.reference_features(key, extract)
+        recomputed, _ = fid.reference_features(key, extract)
     assert len(calls) == 3 and torch.equal(recomputed, first)
     fid.reference_features(key, extract)  # rewritten
     assert len(calls) == 3
+
+    # A cache file of the earlier layout (features without labels) is recomputed, not trusted.
+    torch.save({"key": fid.reference_path(key).stem, "features": first}, fid.reference_path(key))
+    with pytest.warns(UserWarning, match="unreadable"):
+        fid.reference_features(key, extract)
+    assert len(calls) == 4
+
+
+def test_fid_within_classes_scores_each_class_against_its_own_reals():
+    real = tiny_features(smooth_images(300, seed=1))
+    noise = tiny_features(torch.rand(100, 3, 16, 16, generator=torch.Generator().manual_seed(2)) * 2 - 1)
+    real_labels = torch.arange(300) % 3  # classes 0, 1, 2 of the same images
+    # Fakes: class 0 real-like (other images of the same kind), class 1 noise, class 2 absent.
+    fake = torch.cat([tiny_features(smooth_images(100, seed=5)), noise])
+    fake_labels = torch.cat([torch.zeros(100, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    scores, missing = fid.fid_kid_by_class(real, real_labels, fake, fake_labels, 4, kid_subsets=10)
+    assert sorted(scores) == [0, 1] and missing == [2, 3]
+    assert scores[1]["fid"] > 10 * scores[0]["fid"] and scores[1]["kid_mean"] > 10 * abs(scores[0]["kid_mean"])
+    alone = fid.fid_kid(real[real_labels == 1], noise, kid_subsets=10)
+    assert scores[1]["fid"] == pytest.approx(alone["fid"], rel=1e-9)
 
 
 def test_fid_kid_tell_real_from_noise():
@@ -273,14 +306,15 @@ def ranks_extract(rank: int, world_size: int, cache: str) -> dict:
     os.environ["DISTGAN_CACHE"] = os.path.join(cache, f"node{rank}")
     key = ["ranks", "tiny"]
     if rank == 0:
-        fid.reference_features(key, lambda: torch.zeros(NUM, 16))
+        fid.reference_features(key, lambda: (torch.zeros(NUM, 16), torch.zeros(NUM)))
     calls = []
 
-    def extract() -> torch.Tensor:
+    def extract() -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(1)
-        return fid.extract_features(TinyNet(), (fid.to_inception_input(b) for b in batches), runtime)
+        features = fid.extract_features(TinyNet(), (fid.to_inception_input(b) for b in batches), runtime)
+        return features, torch.arange(NUM)
 
-    reference = fid.reference_features(key, extract, runtime)
+    reference, _ = fid.reference_features(key, extract, runtime)
     scores = fid.fid_kid(gathered, gathered.flip(0) + 0.1, kid_subsets=5)
     return {"features": gathered, "reference": reference, "calls": len(calls), "scores": scores}
 
