@@ -85,3 +85,24 @@ def test_two_gpus_nccl_native_sync_bn_fp16(tmp_path):
     assert "2 process(es) on cuda, fp16" in done.stdout and "synced batch norm" in done.stdout
     state = checkpoint.load(checkpoint.list_checkpoints(tmp_path / "run")[-1])
     assert set(state["scalers"]) == {"D", "G"}
+
+
+def test_torchrun_two_processes_train_a_conditional_model_as_one_process(tmp_path):
+    steps = ["--model.conditional=true", "--train.steps=10", "--log.every=1", "--log.images_every=10",
+             "--eval.every=10", "--eval.metrics=[digits]", "--eval.num_samples=40"]  # fmt: skip
+    launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"], tmp_path / "two", *steps)
+    two = rows(tmp_path / "two")
+    assert [r["step"] for r in two if "loss/D" in r] == list(range(1, 11))
+    evaluated = [r for r in two if "cond/accuracy" in r]
+    assert len(evaluated) == 1 and {f"cond/accuracy_class{k}" for k in range(10)} <= evaluated[0].keys()
+    assert (tmp_path / "two" / "samples" / "step_00000010.png").is_file()
+
+    overrides = {"model.conditional": True, "train.steps": 10, "log.every": 1, "eval.every": 10,
+                 "eval.metrics": ["digits"], "eval.num_samples": 40}  # fmt: skip
+    train(tiny_config(tmp_path / "one", **overrides))
+    one = rows(tmp_path / "one")
+    for a, b in zip([r for r in one if "loss/D" in r], [r for r in two if "loss/D" in r], strict=True):
+        for key in ("loss/D", "loss/G", "D/real", "D/fake_after"):  # the classes sliced per rank like the images
+            assert abs(a[key] - b[key]) < 1e-3, (a["step"], key, a[key], b[key])
+    accuracy = [r["cond/accuracy"] for r in one if "cond/accuracy" in r]
+    assert accuracy == pytest.approx([evaluated[0]["cond/accuracy"]], abs=0.05)  # 2 of 40 samples either way
