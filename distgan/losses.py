@@ -60,7 +60,7 @@ class LeCamAverages:
 
     def __init__(self, decay: float, device: torch.device, mean=lambda t: t):
         self.decay, self.mean = decay, mean  # mean: over ranks (the runtime's), so every rank holds the same
-        self.values = torch.zeros(2, device=device)  # (real, fake)
+        self.values = torch.zeros(2, dtype=torch.float32, device=device)  # (real, fake)
 
     def update(self, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fold in this D step's logits (a collective with several ranks); returns the averages (real, fake)."""
@@ -72,4 +72,4 @@ class LeCamAverages:
         return {"values": self.values.tolist()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.values = torch.tensor(state["values"], device=self.values.device)
+        self.values = torch.tensor(state["values"], dtype=torch.float32, device=self.values.device)

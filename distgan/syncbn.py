@@ -25,7 +25,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group):
         dims = [0, *range(2, x.dim())]  # every dimension but the channels
         shape = [1, -1] + [1] * (x.dim() - 2)
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # half precision is normalised in float32
         count = xf.numel() // xf.shape[1]
         mean = xf.mean(dims)
         m2 = (xf - mean.view(shape)).square().sum(dims)
@@ -42,20 +42,20 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             running_mean.mul_(1 - momentum).add_(momentum * global_mean.to(running_mean.dtype))
             unbiased = global_m2 / (total - 1).clamp(min=1)  # tensors throughout: nothing read back to the host
             running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
-        invstd = (var + eps).rsqrt().float()
-        xhat = (xf - global_mean.float().view(shape)) * invstd.view(shape)
+        invstd = (var + eps).rsqrt().to(xf.dtype)
+        xhat = (xf - global_mean.to(xf.dtype).view(shape)) * invstd.view(shape)
         y = xhat
         if weight is not None:
-            y = xhat * weight.float().view(shape) + bias.float().view(shape)
+            y = xhat * weight.to(xf.dtype).view(shape) + bias.to(xf.dtype).view(shape)
         ctx.save_for_backward(xhat, invstd, weight)
-        ctx.dims, ctx.shape, ctx.total, ctx.group = dims, shape, total.float(), group
+        ctx.dims, ctx.shape, ctx.total, ctx.group = dims, shape, total.to(xf.dtype), group
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         xhat, invstd, weight = ctx.saved_tensors
         dims, shape = ctx.dims, ctx.shape
-        g = grad_out.float()
+        g = grad_out.to(xhat.dtype)
         sum_g = g.sum(dims)
         sum_g_xhat = (g * xhat).sum(dims)
         grad_weight = sum_g_xhat.to(weight.dtype) if weight is not None else None  # local: DDP averages them
@@ -63,7 +63,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         sums = torch.cat([sum_g, sum_g_xhat])
         dist.all_reduce(sums, group=ctx.group)
         mean_g, mean_g_xhat = (sums / ctx.total).chunk(2)
-        scale = invstd if weight is None else invstd * weight.float()
+        scale = invstd if weight is None else invstd * weight.to(xhat.dtype)
         grad_x = scale.view(shape) * (g - mean_g.view(shape) - xhat * mean_g_xhat.view(shape))
         return grad_x.to(grad_out.dtype), grad_weight, grad_bias, None, None, None, None, None
 
@@ -86,10 +86,11 @@ def _differentiable_sync_batch_norm(x, weight, bias, running_mean, running_var, 
             running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
             unbiased = var * total / (total - 1).clamp(min=1)
             running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
-    invstd = (var + eps).rsqrt().float()
-    y = (x.float() - mean.float().view(shape)) * invstd.view(shape)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    invstd = (var + eps).rsqrt().to(compute)
+    y = (x.to(compute) - mean.to(compute).view(shape)) * invstd.view(shape)
     if weight is not None:
-        y = y * weight.float().view(shape) + bias.float().view(shape)
+        y = y * weight.to(compute).view(shape) + bias.to(compute).view(shape)
     return y.to(x.dtype)
 
 

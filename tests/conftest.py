@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -141,6 +142,23 @@ def _rank_entry(fn, rank: int, world_size: int, port: int, out: str, kwargs: dic
     except Exception as e:
         result = ("error", f"{type(e).__name__}: {e}")
     torch.save(result, out)
+
+
+@contextlib.contextmanager
+def in_float64():
+    """Build and step models in float64 (torch's default dtype, inside the block).
+
+    For comparisons of one step on 1 rank against 2 ranks: the two sum in different orders (and oneDNN picks
+    kernels by batch size), and in float32 that roundoff, ~1e-7, can put a pre-activation lying that close to 0
+    on the other side of a LeakyReLU's kink and change a gradient by a few percent. In float64 nothing lies
+    that close.
+    """
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
 
 
 def run_ranks(fn, tmp_path: Path, world_size: int = 2, timeout: float = 120, start: str = "fork", **kwargs) -> list:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_ranks, tiny_config
+from conftest import in_float64, run_ranks, tiny_config
 from test_dist import snapshot
 from test_train import assert_same_weights, final_state
 
@@ -123,6 +123,7 @@ SMALL = {"model.ngf": 8, "model.ndf": 8, "model.nz": 16, "train.batch_size": 8, 
          "model.num_classes": 4}  # fmt: skip
 
 
+@in_float64()
 def conditional_step(runtime: Runtime, rows: slice, conditioning: str) -> dict:
     cfg = load_config(None, {**SMALL, "model.g_conditioning": conditioning})
     torch.manual_seed(0)
@@ -158,7 +159,7 @@ def test_two_ranks_take_the_same_conditional_step_as_one(tmp_path, conditioning)
     assert not any(isinstance(r, str) for r in ranks), ranks
     for got in ranks:
         for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+            torch.testing.assert_close(got[name], want[name], msg=name)  # float64's tolerance: 1e-7
 
 
 def test_a_conditional_digits_run_resumes_bitwise_and_logs_its_class_accuracy(tmp_path):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import run_ranks
+from conftest import in_float64, run_ranks
 from torch import nn
 
 from distgan.config import ConfigError, load_config
@@ -34,7 +34,7 @@ def snapshot(G: nn.Module, D: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def one_step(G, D, real, z):
-    # SGD: its update is proportional to the gradient, so equal gradients give equal weights to within 1e-5.
+    # SGD: its update is proportional to the gradient, so equal gradients give equal weights.
     # (Adam's first step divides each gradient by its own magnitude, amplifying float noise in near-zero ones.)
     plain = lambda module: getattr(module, "module", module)  # noqa: E731 (the module inside a DDP wrapper)
     opt_g = torch.optim.SGD(plain(G).parameters(), lr=0.1)
@@ -42,6 +42,7 @@ def one_step(G, D, real, z):
     return train_step(G, D, opt_g, opt_d, real, z, "nonsaturating", Precision("fp32", real.device))
 
 
+@in_float64()
 def ddp_step(rank: int, world_size: int, sync_bn: bool) -> dict:
     cfg = load_config(None, {**SMALL, "dist.sync_bn": sync_bn})
     runtime = Runtime(cfg, batch_size=cfg.train.batch_size)
@@ -55,6 +56,7 @@ def ddp_step(rank: int, world_size: int, sync_bn: bool) -> dict:
     return snapshot(G.module, D.module)
 
 
+@in_float64()
 def reference_step() -> dict:
     torch.manual_seed(0)
     G, D = build_models(load_config(None, SMALL).model)
@@ -70,7 +72,7 @@ def test_two_ranks_with_half_batches_equal_one_rank_with_the_whole(tmp_path):
     for got in ranks:
         assert got.keys() == want.keys()
         for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(got[name], want[name], msg=name)  # float64's tolerance: 1e-7
 
 
 def test_without_sync_bn_the_two_computations_differ(tmp_path):
