@@ -447,7 +447,7 @@ def metrics(
 ) -> dict[str, float]:
     """Print and return the seconds of FID/KID over all rows and within each class, and one class's distance by
     both formulas."""
-    from distgan.fid import feature_stats, fid_kid, fid_kid_by_class, frechet_distance, frechet_distance_of_rows
+    from distgan.eval.fid import feature_stats, fid_kid, fid_kid_by_class, frechet_distance, frechet_distance_of_rows
 
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)

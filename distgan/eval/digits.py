@@ -284,7 +284,7 @@ class DigitsScorer:
         to the real k's (training's round trip, as digits/fd), for each class asked for at least twice, and
         `digits/fd_class_mean`, their mean (the intra-class score of conditional GANs, cf. intra-FID), beside
         `digits/fd_class_floor`."""
-        from distgan.fid import feature_stats, frechet_distance
+        from distgan.eval.fid import feature_stats, frechet_distance
 
         fake = self.features(images)
         out = {}
@@ -307,7 +307,7 @@ class DigitsScorer:
         """digits/fd_class_floor: the mean over the classes of the distance between two disjoint random halves of
         the real digits of a class (about 90 images each): what real data scores per class, so that
         digits/fd_class_mean, whose few samples per class bias it upward, reads against it."""
-        from distgan.fid import feature_stats, frechet_distance
+        from distgan.eval.fid import feature_stats, frechet_distance
 
         distances = []
         for mine in self._real_features_by_class:

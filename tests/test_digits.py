@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distgan import digits_score as ds
 from distgan.data.sources import load_digits
+from distgan.eval import digits as ds
 
 
 @pytest.fixture(scope="module")

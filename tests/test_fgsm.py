@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distgan.adversarial import fgsm, fgsm_attack, probe
 from distgan.data.sources import load_digits
+from distgan.eval.fgsm import fgsm, fgsm_attack, probe
 from distgan.models import Discriminator, init_weights
 
 

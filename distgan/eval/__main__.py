@@ -1,0 +1,3 @@
+from distgan.eval.cli import cli
+
+cli()
