@@ -132,6 +132,30 @@ class DataConfig:
         "then cached by path, size and mtime), size (sizes only), off. A missing or changed shard stops the run.",
         choices=("hash", "size", "off"),
     )
+    background: str = option(
+        "white",
+        "Colour that transparent images (alpha, transparent palette entries) are composited over before resizing, "
+        "for the folder source and its real images (prepare takes --background): a name (white, black, gray, ...), "
+        "#rrggbb or r,g,b.",
+    )
+    labels: str = option(
+        "",
+        "folder: a label table giving each image's class (CSV/TSV with a header row, first column the file name, "
+        "or CelebA's list_attr_celeba.txt); empty: classes from the top-level folders.",
+    )
+    label_column: str = option(
+        "", "The column of data.labels that holds the class (empty: the table's only column besides the file name)."
+    )
+    unlabelled: str = option(
+        "refuse",
+        "Images of the folder that data.labels does not name: refuse (stop with their count) or skip them.",
+        choices=("refuse", "skip"),
+    )
+    unmatched: str = option(
+        "refuse",
+        "Names in data.labels that match no image of the folder: refuse (stop with their count) or ignore them.",
+        choices=("refuse", "ignore"),
+    )
 
 
 @dataclass
@@ -423,6 +447,13 @@ def validate(cfg: Config) -> None:
                 raise ConfigError(f"config key '{key}' must be {words} {limit}; got {value!r}")
     if cfg.data.source in ("shards", "folder") and not cfg.data.path:
         raise ConfigError(f"data.source '{cfg.data.source}' needs data.path")
+    if cfg.data.labels and cfg.data.source != "folder":
+        raise ConfigError(f"data.labels labels the images of a folder; data.source is '{cfg.data.source}'")
+    if cfg.data.label_column and not cfg.data.labels:
+        raise ConfigError("data.label_column names a column of data.labels, which is not set")
+    from distgan.data.images import parse_background
+
+    parse_background(cfg.data.background, "config key 'data.background'")
     if cfg.data.source == "digits" and cfg.model.channels != 1:
         raise ConfigError(f"data.source 'digits' has 1 channel but model.channels is {cfg.model.channels}")
     if cfg.log.tensorboard and importlib.util.find_spec("tensorboard") is None:

@@ -117,3 +117,25 @@ def test_build_source_yields_rank_batches(tmp_path):
     cfg = tiny_config(tmp_path, **{"data.source": "synthetic", "model.channels": 3, "data.num_samples": 50})
     batch, labels = next(build_source(cfg))
     assert batch.shape == (16, 3, 32, 32) and batch.dtype == torch.uint8 and labels.shape == (16,)
+
+
+def test_a_folder_labelled_by_a_table(tmp_path):
+    import pytest
+    from conftest import image_index, tiny_config, write_index_pngs
+
+    from distgan.config import ConfigError
+
+    root = write_index_pngs(tmp_path / "pics", 6)
+    (tmp_path / "kinds.csv").write_text("name,kind,size\n" + "".join(f"{i:05d}.png,k{i % 3},s\n" for i in range(5)))
+    keys = {"data.source": "folder", "data.path": str(root), "model.channels": 3, "data.workers": 0,
+            "data.labels": str(tmp_path / "kinds.csv"), "data.label_column": "kind", "train.batch_size": 5}  # fmt: skip
+    with pytest.raises(ConfigError, match=r"1 of 6 images are not in it \(e\.g\. 00005\.png\).*data\.unlabelled=skip"):
+        build_source(tiny_config(tmp_path / "run", **keys))
+    stream = build_source(tiny_config(tmp_path / "run", **keys, **{"data.unlabelled": "skip"}))
+    assert stream.classes == ["k0", "k1", "k2"]
+    images, labels = next(stream)
+    assert sorted(zip(image_index(images), labels.tolist())) == [(0, 0), (1, 1), (2, 2), (3, 0), (4, 1)]
+    with pytest.raises(ConfigError, match="data.labels labels the images of a folder; data.source is 'synthetic'"):
+        tiny_config(tmp_path / "run", **{**keys, "data.source": "synthetic"})
+    with pytest.raises(ConfigError, match="data.label_column 'Kind' is not a column of .*; its columns: kind, size"):
+        build_source(tiny_config(tmp_path / "run", **{**keys, "data.label_column": "Kind"}))

@@ -283,6 +283,221 @@ def test_encoding_workers_leave_ctrl_c_to_the_main_process(src):
 
     The main process terminates the workers first most of the time, so the test above does not catch this reliably.
     """
-    init_args = (str(src), False, 16, "RGB", "jpg", 95)
+    init_args = ([("dir", str(src))], 16, "RGB", "jpg", 95, [255, 255, 255])
     with multiprocessing.get_context("fork").Pool(1, _init_pool_worker, init_args) as pool:
         assert pool.apply(signal.getsignal, (signal.SIGINT,)) == signal.SIG_IGN
+
+
+def add_bytes(tar: tarfile.TarFile, name: str, data: bytes, kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = (len(data) if kind == tarfile.REGTYPE else 0), kind, link
+    tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+
+def test_tars_give_the_shards_of_their_unpacked_folder(src, tmp_path):
+    a = prepare(str(src), str(tmp_path / "a"), size=32, shard_size=4, workers=1, progress=False)
+    for suffix, mode in ((".tar", "w"), (".tar.gz", "w:gz"), (".tgz", "w:gz"), (".tar.xz", "w:xz")):
+        archive = tmp_path / f"images{suffix}"
+        with tarfile.open(archive, mode) as tar:  # one top-level folder, dropped as a zip's is
+            tar.add(src, arcname="package")
+        out = tmp_path / f"out{suffix}"
+        b = prepare(str(archive), str(out), size=32, shard_size=4, workers=2, progress=False)
+        assert shard_bytes(out) == shard_bytes(tmp_path / "a"), suffix
+        assert b["skipped"] == a["skipped"] and b["sources"][0]["name"] == "images"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no decompressed copy left
+
+
+def test_tar_members_that_climb_out_or_are_links_or_devices_are_skipped_and_listed(tmp_path):
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), (0, 90, 0)).save(png, format="PNG")
+    archive = tmp_path / "odd.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        add_bytes(tar, "good/0.png", png.getvalue())
+        add_bytes(tar, "good/1.png", png.getvalue())
+        add_bytes(tar, "../escape.png", png.getvalue())
+        add_bytes(tar, "/etc/absolute.png", png.getvalue())
+        add_bytes(tar, "good/passwd.png", b"", tarfile.SYMTYPE, "/etc/passwd")
+        add_bytes(tar, "good/hard.png", b"", tarfile.LNKTYPE, "good/0.png")
+        add_bytes(tar, "good/fifo.png", b"", tarfile.FIFOTYPE)
+        add_bytes(tar, "good/tty.png", b"", tarfile.CHRTYPE)
+    m = prepare(str(archive), str(tmp_path / "out"), size=8, workers=1, progress=False)
+    assert m["num_samples"] == {"train": 2} and m["num_files"] == 8
+    assert {s["path"]: s["reason"] for s in m["skipped"]} == {
+        "../escape.png": "unsafe path: leads out of the archive (..)",
+        "/etc/absolute.png": "unsafe path: absolute (leads out of the archive)",
+        "good/fifo.png": "device or fifo: not read",
+        "good/hard.png": "hard link: not followed",
+        "good/passwd.png": "symbolic link: not followed",
+        "good/tty.png": "device or fifo: not read",
+    }
+    only_bad = tmp_path / "bad.tar"
+    with tarfile.open(only_bad, "w") as tar:
+        add_bytes(tar, "../../x.png", png.getvalue())
+    with pytest.raises(ConfigError, match=r"holds only files whose path leads out of it, e\.g\. \.\./\.\./x\.png"):
+        prepare(str(only_bad), str(tmp_path / "out2"), progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
+def vendor_tarball(path, vendor: str, colours: dict[str, tuple[int, int, int]], extra: tuple[str, ...] = ()):
+    """An npm-style tarball: package/img/<vendor>/64/<name> RGBA PNGs (transparent pixels holding red), the same
+    at 16 pixels, and a package/emoji.json."""
+    with tarfile.open(path, "w:gz") as tar:
+        add_bytes(tar, "package/emoji.json", b"[]")
+        for name, colour in colours.items():
+            for side in (64, 16):
+                image = Image.new("RGBA", (side, side), (153, 38, 38, 0))
+                image.paste((*colour, 255), (side // 4, side // 4, 3 * side // 4, 3 * side // 4))
+                buf = io.BytesIO()
+                image.save(buf, format="PNG")
+                add_bytes(tar, f"package/img/{vendor}/{side}/{name}", buf.getvalue())
+        for name in extra:
+            add_bytes(tar, f"package/img/{vendor}/64/{name}", b"not an image")
+    return path
+
+
+@pytest.fixture
+def vendors(tmp_path):
+    """Two vendors' tarballs of the same three emoji (one only in the second), colours telling the vendor."""
+    a = vendor_tarball(tmp_path / "emoji-a-1.0.tgz", "a", {"1f600.png": (250, 200, 0), "1f436.png": (250, 150, 0)})
+    b = vendor_tarball(tmp_path / "emoji-b-1.0.tgz", "b", {"1f600.png": (0, 0, 250), "1f436.png": (0, 50, 250),
+                                                           "1f34e.png": (0, 100, 250)})  # fmt: skip
+    return a, b
+
+
+def test_several_sources_make_one_shard_set_with_prefixed_paths_and_source_classes(vendors, tmp_path):
+    a, b = vendors
+    common = dict(size=16, format="png", include="package/img/*/64/*.png", classes="source", progress=False)
+    m = prepare(f"{a},{b}", str(tmp_path / "one"), workers=1, **common)
+    assert m["num_samples"] == {"train": 5} and m["num_excluded"] == 2 + 5  # two emoji.json, five 16 px PNGs
+    assert [s["name"] for s in m["sources"]] == ["emoji-a-1.0", "emoji-b-1.0"]
+    assert [s["files"] for s in m["sources"]] == [2, 3] and m["classes"] == ["emoji-a-1.0", "emoji-b-1.0"]
+    assert m["samples_per_class"] == {"emoji-a-1.0": 2, "emoji-b-1.0": 3} and m["background"] == "white"
+    prepare([str(a), str(b)], str(tmp_path / "two"), workers=2, **common)
+    assert shard_bytes(tmp_path / "two") == shard_bytes(tmp_path / "one")
+    paths = [f"emoji-a-1.0/img/a/64/{n}" for n in ("1f436.png", "1f600.png")]
+    paths += [f"emoji-b-1.0/img/b/64/{n}" for n in ("1f34e.png", "1f436.png", "1f600.png")]
+    for sample in tar_samples(str(tmp_path / "one" / "train-000000.tar")):
+        pixels = np.asarray(Image.open(io.BytesIO(sample["png"]))).astype(int)
+        vendor = paths[int(sample["__key__"])].split("/")[0]
+        assert sample["cls"] == (b"0" if vendor == "emoji-a-1.0" else b"1")
+        assert (pixels[2, 2] == 255).all() and abs(pixels[2, 2, 0] - pixels[2, 2, 1]) == 0  # white, no red
+        assert (pixels[8, 8, 2] > 200) == (vendor == "emoji-b-1.0")
+    globs = "emoji-a-1.0/*/64/1f600.png,emoji-b-1.0/*/64/*"  # globs on the paths in the shard set
+    by_prefix = prepare([str(a), str(b)], str(tmp_path / "three"), size=16, include=globs, progress=False)
+    assert by_prefix["num_samples"] == {"train": 4} and by_prefix["classes"] is None
+    with pytest.raises(ConfigError, match=r"--src .*emoji-a-1.0.tgz holds no files matching --include \*/b/64/\*"):
+        prepare([str(a), str(b)], str(tmp_path / "four"), include="*/b/64/*", progress=False)
+    with pytest.raises(ConfigError, match="--classes source labels each image by its source; give two or more"):
+        prepare(str(a), str(tmp_path / "five"), classes="source", progress=False)
+
+
+def test_repeated_list_flags_are_joined():
+    from distgan.data.prepare import as_list, join_repeated
+
+    argv = ["--src", "a.tgz", "--include=x/*", "--size", "8", "--src=b.tgz", "--include", "y/*"]
+    assert join_repeated(argv) == ["--size", "8", "--src=a.tgz,b.tgz", "--include=x/*,y/*"]
+    assert as_list("a.tgz, b.tgz") == ["a.tgz", "b.tgz"] and as_list(("a", 2)) == ["a", "2"] and as_list(None) == []
+
+
+def write_table(path, text: str):
+    path.write_text(text)
+    return str(path)
+
+
+def test_a_label_table_gives_classes_and_one_name_labels_every_vendors_image(vendors, tmp_path):
+    a, b = vendors
+    table = write_table(tmp_path / "emoji.csv", "image,category\n1f600.png,Smileys\n1f436.png,Animals\n"
+                                                "1f34e.png,Food\n")  # fmt: skip
+    m = prepare([str(a), str(b)], str(tmp_path / "out"), size=16, include="package/img/*/64/*.png", labels=table,
+                workers=2, progress=False)  # fmt: skip
+    assert m["classes"] == ["Animals", "Food", "Smileys"] and m["options"]["classes"] == "table"
+    assert m["samples_per_class"] == {"Animals": 2, "Food": 1, "Smileys": 2}
+    assert m["labels"]["column"] == "category" and m["labels"]["num_unlabelled"] == 0
+    classes = sorted(int(s["cls"]) for s in tar_samples(str(tmp_path / "out" / "train-000000.tar")))
+    assert classes == [0, 0, 1, 2, 2]
+    # Vendor a alone: 1f34e.png names no image of it.
+    with pytest.raises(ConfigError, match=r"0 of 2 images are not in it; 1 of its 3 names match no image \(e\.g\. "
+                                          r"1f34e\.png\); --unmatched=ignore accepts such names"):  # fmt: skip
+        prepare(str(a), str(tmp_path / "a"), include="*/64/*", labels=table, progress=False)
+    assert not (tmp_path / "a").exists()
+    alone = prepare(str(a), str(tmp_path / "a"), include="*/64/*", labels=table, unmatched="ignore", progress=False)
+    assert alone["classes"] == ["Animals", "Smileys"] and alone["labels"]["unmatched_examples"] == ["1f34e.png"]
+
+
+def test_images_a_table_does_not_name_are_refused_or_skipped(vendors, tmp_path):
+    a, _ = vendors
+    table = write_table(tmp_path / "t.tsv", "file\tkind\n1f600.png\tface\n")
+    refused = r"t\.tsv: 1 of 2 images are not in it \(e\.g\. img/a/64/1f436\.png\); 0 of its 1 names match no image; "
+    with pytest.raises(ConfigError, match=refused):
+        prepare(str(a), str(tmp_path / "out"), include="*/64/*", labels=table, progress=False)
+    m = prepare(str(a), str(tmp_path / "out"), include="*/64/*", labels=table, unlabelled="skip", progress=False)
+    assert m["num_samples"] == {"train": 1} and m["classes"] == ["face"]
+    assert m["skipped"] == [{"path": "img/a/64/1f436.png", "reason": "not in the label table (--unlabelled skip)"}]
+    by_path = write_table(tmp_path / "p.csv", "path,kind\nimg/a/64/1f436.png,dog\nimg/a/64/1f600.png,face\n")
+    m = prepare(str(a), str(tmp_path / "p"), include="*/64/*", labels=by_path, progress=False)
+    assert m["classes"] == ["dog", "face"] and m["labels"]["by"] == "relative path"
+
+
+CELEBA = """5
+5_o_Clock_Shadow Smiling Young
+000001.jpg -1  1  1
+000002.jpg -1 -1  1
+000003.jpg  1  1 -1
+000004.jpg -1  1  1
+000005.jpg -1 -1 -1
+"""
+
+
+@pytest.fixture
+def celeba(tmp_path):
+    """Five images named as CelebA's, and its attribute table in the shipped format."""
+    root = tmp_path / "img_align_celeba"
+    root.mkdir()
+    for i in range(1, 6):
+        Image.new("RGB", (20, 24), (40 * i, 0, 0)).save(root / f"{i:06d}.jpg")
+    return root, write_table(tmp_path / "list_attr_celeba.txt", CELEBA)
+
+
+def test_celeba_attribute_table(celeba, tmp_path):
+    root, table = celeba
+    m = prepare(str(root), str(tmp_path / "out"), size=8, labels=table, label_column="Smiling", progress=False)
+    assert m["classes"] == ["-1", "1"] and m["samples_per_class"] == {"-1": 2, "1": 3}
+    by_key = {int(s["__key__"]): s["cls"] for s in tar_samples(str(tmp_path / "out" / "train-000000.tar"))}
+    assert by_key == {0: b"1", 1: b"0", 2: b"1", 3: b"1", 4: b"0"}
+    with pytest.raises(ConfigError, match=r"--label_column 'smiling' is not a column of .*list_attr_celeba\.txt; "
+                                          r"its columns: 5_o_Clock_Shadow, Smiling, Young"):  # fmt: skip
+        prepare(str(root), str(tmp_path / "x"), labels=table, label_column="smiling", progress=False)
+    with pytest.raises(ConfigError, match="has 3 label columns: choose one with --label_column"):
+        prepare(str(root), str(tmp_path / "x"), labels=table, progress=False)
+    short = write_table(tmp_path / "short.txt", CELEBA.replace("5\n", "6\n", 1))
+    with pytest.raises(ConfigError, match="its first line says 6 rows but it holds 5"):
+        prepare(str(root), str(tmp_path / "x"), labels=short, label_column="Young", progress=False)
+    ragged = write_table(tmp_path / "ragged.csv", "file,a\n000001.jpg,1,2\n")
+    with pytest.raises(ConfigError, match="line 2 has 3 fields where the header names 2"):
+        prepare(str(root), str(tmp_path / "x"), labels=ragged, progress=False)
+    with pytest.raises(ConfigError, match=r"--labels .*nope\.csv: no such file"):
+        prepare(str(root), str(tmp_path / "x"), labels=str(tmp_path / "nope.csv"), progress=False)
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match="not a text table"):
+        prepare(str(root), str(tmp_path / "x"), labels=str(tmp_path / "binary.csv"), progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_bad_label_table_is_one_line_exit_2_and_writes_nothing(celeba, tmp_path):
+    root, _ = celeba
+    table = write_table(tmp_path / "wrong.csv", "file,kind\n000001.jpg,a\n000002.jpg,b\nmissing.jpg,c\n")
+    result = run_cli("distgan.data.prepare", "--src", str(root), "--out", "out", "--labels", str(table),
+                     "--size", "8", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"distgan: error: label table {table}: 3 of 5 images are not in it (e.g. 000003.jpg); 1 of its 3 names match "
+        "no image (e.g. missing.jpg); --unlabelled=skip leaves such images out; --unmatched=ignore accepts such names"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img_align_celeba", "list_attr_celeba.txt", "wrong.csv"]
+
+
+def test_class_names_sort_by_number_then_naturally():
+    from distgan.data.labels import sort_classes
+
+    assert sort_classes(["10", "2", "-1", "1.5"]) == ["-1", "1.5", "2", "10"]
+    assert sort_classes(["class10", "class2", "Animals", "class1"]) == ["Animals", "class1", "class2", "class10"]

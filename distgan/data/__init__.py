@@ -4,8 +4,9 @@ classes); `to_model_input` moves samples to the device and scales images to [-1,
 touches floats. A source's `classes` names its classes by index (None: it has none).
 
     digits, synthetic   in memory (sources.py), sliced from seeded global batches (indexed.py); digits: 10 classes
-    folder              image files decoded on the fly by DataLoader workers (folder.py + indexed.py); classes:
-                        the top-level folders, as torchvision's ImageFolder
+    folder              image files decoded on the fly by DataLoader workers (folder.py + indexed.py, decoding in
+                        images.py); classes: the top-level folders, as torchvision's ImageFolder, or a label
+                        table's column (labels.py)
     shards              WebDataset tars written by `python -m distgan.data.prepare` (shards.py); classes: `cls`
     ring8, grid25       2-D Gaussian mixture points, drawn once in memory (distgan/toy.py + indexed.py); classes:
                         the mode each point was drawn from
@@ -38,7 +39,7 @@ def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bo
             workers=workers, buffer=d.shuffle_buffer, pin_memory=pin_memory,
         )  # fmt: skip
     if d.source == "folder":
-        images = FolderImages(d.path, size, channels)
+        images = FolderImages.from_config(cfg)
     elif d.source == "digits":
         images, workers = digits_set(size), 0
     elif d.source == "synthetic":

@@ -9,47 +9,75 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from distgan.data.images import folder_classes, square_resize
+from distgan.config import Config
+from distgan.data.images import DEFAULT_BACKGROUND, decode_file, folder_classes, list_files, parse_background
 from distgan.data.indexed import NO_CLASS
+from distgan.data.labels import label, read_table
 from distgan.data.shards import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 class FolderImages:
-    """The image files under a folder, in sorted order; get() replaces an unreadable file by the next readable one.
+    """The image files under a folder (links to folders followed), in sorted order; get() replaces an unreadable
+    file by the next readable one.
 
     Classes as torchvision's ImageFolder and `prepare` give them: the top-level folders, when every file sits in
-    one of two or more.
+    one of two or more; or, with a label table (`labels`, distgan/data/labels.py), the values of its column.
+    Transparent images are composited over `background` (see distgan/data/images.py).
     """
 
-    def __init__(self, root: str, image_size: int, channels: int):
+    def __init__(
+        self,
+        root: str,
+        image_size: int,
+        channels: int,
+        background: str = DEFAULT_BACKGROUND,
+        labels: str = "",
+        label_column: str = "",
+        unlabelled: str = "refuse",
+        unmatched: str = "refuse",
+    ):
         if not root:
             raise DataError("data.source 'folder' needs data.path (a folder of images)")
         if not Path(root).is_dir():
             raise DataError(f"data.path {root} is not a folder")
-        files = (p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        self.files = sorted(p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts))
-        if not self.files:
+        relative = [r for r in list_files(root) if Path(r).suffix.lower() in IMAGE_SUFFIXES]
+        if not relative:
             raise DataError(f"data.path {root} holds no image files ({', '.join(IMAGE_SUFFIXES)})")
         self.image_size, self.mode = image_size, "RGB" if channels == 3 else "L"
-        relative = [p.relative_to(root).as_posix() for p in self.files]
-        self.classes = folder_classes(relative)
-        index = {name: i for i, name in enumerate(self.classes or [])}
-        self.labels = [index[r.split("/", 1)[0]] if self.classes else NO_CLASS for r in relative]
+        self.background = parse_background(background, "config key 'data.background'")
+        if labels:
+            table = read_table(labels, label_column, option="data.")
+            labelling = label(table, relative, unlabelled, unmatched, option="data.")
+            kept = [i for i, k in enumerate(labelling.labels) if k is not None]
+            relative = [relative[i] for i in kept]
+            self.classes: list[str] | None = labelling.classes
+            self.labels = [labelling.labels[i] for i in kept]
+        else:
+            self.classes = folder_classes(relative)
+            index = {name: i for i, name in enumerate(self.classes or [])}
+            self.labels = [index[r.split("/", 1)[0]] if self.classes else NO_CLASS for r in relative]
+        self.files = [Path(root) / r for r in relative]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> FolderImages:
+        """The folder source of a Config (data.path, its background and label keys; model size and channels)."""
+        d = cfg.data
+        return cls(
+            d.path, cfg.model.image_size, cfg.model.channels, d.background, d.labels, d.label_column, d.unlabelled,
+            d.unmatched,
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.files)
 
     def load(self, index: int) -> torch.Tensor:
         """uint8 (C, S, S) of one file."""
-        with Image.open(self.files[index]) as image:
-            array = np.asarray(square_resize(image, self.image_size, self.mode))
-        return torch.from_numpy(array.copy()).view(self.image_size, self.image_size, -1).permute(2, 0, 1)
+        array = decode_file(self.files[index], self.image_size, self.mode, self.background)  # (S, S, C)
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         images, labels, skipped = [], [], 0

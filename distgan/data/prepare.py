@@ -1,31 +1,50 @@
-"""Turn a folder, an ImageFolder tree or a zip of images into WebDataset shards, decoded and resized once.
+"""Turn folders, ImageFolder trees, zips and tars of images into WebDataset shards, decoded and resized once.
 
-    python -m distgan.data.prepare --src img_align_celeba.zip --out data/celeba64 [--size 64] [--format jpg|png]
-        [--quality 95] [--shard_size 10000] [--val_fraction 0.0] [--channels 3] [--seed 0] [--workers N]
-        [--overwrite]
+    python -m distgan.data.prepare --src SRC[,SRC...] --out DIR [--size 64] [--format jpg|png] [--quality 95]
+        [--shard_size 10000] [--val_fraction 0.0] [--channels 3] [--background white] [--include GLOB[,GLOB...]]
+        [--classes folders|source|none] [--labels TABLE [--label_column NAME] [--unlabelled refuse|skip]
+        [--unmatched refuse|ignore]] [--seed 0] [--workers N] [--overwrite]
 
-Every file is tried as an image: each is center-cropped to a square, resized to --size and encoded; files that
-are not images or cannot be decoded are skipped, counted and listed in the manifest. Samples are written in a
-seeded random order (so a small shuffle buffer at training time mixes well) to DIR/train-%06d.tar (and val-),
-with DIR/manifest.json holding per-shard sample counts and sha256 checksums. The output is a pure function of
-the input files and the options: the same input gives the same bytes, whatever the worker count.
-The shards are written to a temporary sibling folder and moved into place at the end, so an interrupted or
-failed run never leaves half a data set in DIR (nor removes the old one). A full disk (or any other write
-failure) exits with code 1 and Ctrl-C with 130, each with one line on stderr; a bad option exits with 2.
+SRC is a folder (links to folders followed), a zip, or a tar (.tar, .tar.gz/.tgz, .tar.bz2, .tar.xz), read
+without unpacking; several sources make one shard set, each file's relative path then starting with its
+source's name (the archive's file name without its suffix). --include keeps only the files whose path (inside
+the source, or in the shard set) matches one of the globs (`*` also matches '/'); --src and --include take
+comma-separated lists or may be repeated. Every file is tried as an image: transparency composited over
+--background, center-cropped to a square, resized to --size and encoded; files that are not images or cannot be
+decoded are skipped, counted and listed in the manifest, as are archive members whose path leads out of the
+archive (.., absolute) and links or devices (never followed). Classes: the top-level folders (--classes folders,
+as torchvision's ImageFolder), the source each file came from (--classes source), or a label table's column
+(--labels, see distgan/data/labels.py; images it does not name and names that match no image stop the run unless
+--unlabelled skip / --unmatched ignore).
+
+Samples are written in a seeded random order (so a small shuffle buffer at training time mixes well) to
+DIR/train-%06d.tar (and val-), with DIR/manifest.json holding per-shard sample counts and sha256 checksums. The
+output is a pure function of the input files and the options: the same input gives the same bytes, whatever the
+worker count. The shards are written to a temporary sibling folder and moved into place at the end, so an
+interrupted or failed run never leaves half a data set in DIR (nor removes the old one). A full disk (or any
+other write failure) exits with code 1 and Ctrl-C with 130, each with one line on stderr; a bad option or input
+exits with 2 and writes nothing.
 """
 
 from __future__ import annotations
 
 import bisect
+import bz2
 import contextlib
+import fnmatch
+import gzip
 import io
 import json
+import lzma
 import multiprocessing
 import os
 import shutil
 import signal
+import stat
 import sys
+import tarfile
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -33,55 +52,196 @@ from PIL import Image, UnidentifiedImageError
 
 from distgan import rng
 from distgan.config import ConfigError, first_line, run_command
-from distgan.data.images import folder_classes, square_resize
+from distgan.data.images import DEFAULT_BACKGROUND, folder_classes, hidden, list_files, parse_background, square_resize
+from distgan.data.labels import UNLABELLED, UNMATCHED, label, read_table
 from distgan.files import sha256_of
 
 MANIFEST = "manifest.json"
 FORMAT_NAME, FORMAT_VERSION = "distgan-shards", 1
 ENCODINGS = ("jpg", "png")
+CLASS_RULES = ("folders", "source", "none")
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar")
+UNSAFE_PATH = "unsafe path: leads out of the archive (..)"
+ABSOLUTE_PATH = "unsafe path: absolute (leads out of the archive)"
+NOT_LABELLED = "not in the label table (--unlabelled skip)"
+
+
+def as_list(value: str | Iterable | None) -> list[str]:
+    """A command-line list: comma-separated text (fire turns `a,b` into a tuple, `1,2` into numbers), or a list."""
+    if value is None or value == "":
+        return []
+    items = [value] if isinstance(value, str) else list(value)
+    return [part.strip() for item in items for part in str(item).split(",") if part.strip()]
+
+
+def source_name(path: Path) -> str:
+    """A source's name in the shard set: the folder's name, or the archive's file name without its suffix."""
+    name = path.name
+    for suffix in (*TAR_SUFFIXES, ".zip"):
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _member_problem(name: str) -> str | None:
+    """Why an archive member's name must not be read (it climbs out or is absolute), or None."""
+    if name.startswith("/") or PurePosixPath(name).is_absolute():
+        return ABSOLUTE_PATH
+    if ".." in PurePosixPath(name).parts:
+        return UNSAFE_PATH
+    return None
+
+
+def _tar_problem(info: tarfile.TarInfo) -> str | None:
+    """Why a tar member other than a regular file or a folder is not read, or None."""
+    if info.issym():
+        return "symbolic link: not followed"
+    if info.islnk():
+        return "hard link: not followed"
+    if info.ischr() or info.isblk() or info.isfifo():
+        return "device or fifo: not read"
+    if info.issparse():
+        return "sparse file: not read"
+    if not info.isreg():
+        return "not a regular file"
+    return None
 
 
 class Source:
-    """The candidate files of a folder or a zip, in sorted order of their relative paths.
+    """The candidate files of one folder, zip or tar, in sorted order of their relative paths.
 
-    `unsafe`: zip members whose names climb out of the archive (`../x.jpg`); they are skipped, not read.
+    members: what a worker reads (a folder-relative path, a zip member's name, a tar member's (offset, size));
+    relative: each file's path in the shard set (`name/...` when `prefixed`; an archive's single top-level folder
+    is dropped, so an archive and its unpacked folder give the same paths); inner: the same without the prefix;
+    skipped: (path, reason) of the members that are not read (names that climb out, links, devices);
+    excluded: how many files --include left out.
     """
 
-    def __init__(self, src: str | Path):
+    def __init__(self, src: str | Path, include: list[str] | None = None, prefixed: bool = False):
         self.path = Path(src)
-        self.is_zip = self.path.is_file() and zipfile.is_zipfile(self.path)
-        self.unsafe: list[str] = []
-        if self.is_zip:
-            with zipfile.ZipFile(self.path) as archive:
-                names = [i.filename for i in archive.infolist() if not i.is_dir()]
-            self.unsafe = sorted(n for n in names if ".." in PurePosixPath(n).parts)
-            self.members = sorted(n for n in names if not _hidden(PurePosixPath(n)) and n not in self.unsafe)
-            # A zip of a folder usually holds `folder/...`: strip that one top level so that the zip and the
-            # unpacked folder give the same relative paths (and the same shards).
-            tops = {PurePosixPath(n).parts[0] for n in self.members}
-            strip = len(tops) == 1 and all(len(PurePosixPath(n).parts) > 1 for n in self.members)
-            self.relative = [str(PurePosixPath(*PurePosixPath(n).parts[strip:])) for n in self.members]
-        elif self.path.is_dir():
-            files = (p for p in self.path.rglob("*") if p.is_file())
-            self.relative = sorted(p.relative_to(self.path).as_posix() for p in files)
-            self.relative = [r for r in self.relative if not _hidden(PurePosixPath(r))]
-            self.members = self.relative
+        self.name = source_name(self.path.resolve())
+        is_dir, is_zip, is_tar = self.path.is_dir(), _is_zip(self.path), _is_tar(self.path)
+        self.kind = "dir" if is_dir else "zip" if is_zip else "tar" if is_tar else ""
+        skipped: list[tuple[str, str]] = []
+        if self.kind == "dir":
+            entries = [(r, r, r) for r in list_files(self.path)]  # (inner path, member, path as stored)
+        elif self.kind:
+            stored = []
+            for name, member, problem in _archive_members(self.path, self.kind):
+                problem = _member_problem(name) or problem
+                if problem:
+                    skipped.append((name, problem))
+                elif not hidden(name):
+                    stored.append((PurePosixPath(name).parts, member))
+            # An archive of a folder usually holds `folder/...`: strip that one top level so that the archive and
+            # the unpacked folder give the same relative paths (and the same shards).
+            strip = len({p[0] for p, _ in stored}) == 1 and all(len(p) > 1 for p, _ in stored)
+            entries = [("/".join(p[strip:]), member, "/".join(p)) for p, member in stored]
         elif self.path.exists():
-            raise ConfigError(f"--src {src} is neither a folder nor a zip file")
+            raise ConfigError(f"--src {src} is neither a folder nor a zip or tar file")
         else:
             raise ConfigError(f"--src {src} does not exist")
-        if not self.members and self.unsafe:
-            raise ConfigError(f"--src {src} holds only files whose path leads out of it, e.g. {self.unsafe[0]}")
-        if not self.members:
-            raise ConfigError(f"--src {src} holds no files")
+        prefix = f"{self.name}/" if prefixed else ""
+        self.skipped = [(prefix + name, reason) for name, reason in sorted(skipped)]
+        if include:
+            kept = [e for e in entries if _included((e[2], prefix + e[0]), include)]
+            self.excluded = len(entries) - len(kept)
+            entries = kept
+        else:
+            self.excluded = 0
+        entries.sort(key=lambda e: e[0])
+        self.inner = [e[0] for e in entries]
+        self.members = [e[1] for e in entries]
+        self.relative = [prefix + e[0] for e in entries]
+        if not entries and skipped and not self.excluded:
+            raise ConfigError(f"--src {src} holds only files whose path leads out of it, e.g. {skipped[0][0]}")
+        if not entries:
+            matching = f" matching --include {','.join(include)}" if include else ""
+            raise ConfigError(f"--src {src} holds no files{matching}")
 
-    def classes(self) -> list[str] | None:
-        """ImageFolder class names (top-level folders) when the files sit in two or more of them."""
-        return folder_classes(self.relative)
+    def readable(self, scratch: Path) -> str:
+        """The path a worker reads this source from: a compressed tar is decompressed once into `scratch`, so
+        that every member is one seek away (its offsets are those of the decompressed stream)."""
+        if self.kind != "tar":
+            return str(self.path)
+        with open(self.path, "rb") as f:
+            magic = f.read(6)
+        opener = gzip.open if magic[:2] == b"\x1f\x8b" else bz2.open if magic[:3] == b"BZh" else None
+        opener = lzma.open if magic == b"\xfd7zXZ\x00" else opener
+        if opener is None:
+            return str(self.path)
+        scratch.mkdir(parents=True, exist_ok=True)
+        plain = scratch / f"{len(list(scratch.iterdir())):03d}.tar"
+        with opener(self.path, "rb") as packed, open(plain, "wb") as out:
+            shutil.copyfileobj(packed, out, 1 << 20)
+        return str(plain)
 
 
-def _hidden(path: PurePosixPath) -> bool:
-    return any(part.startswith(".") or part == "__MACOSX" for part in path.parts)
+def _included(paths: tuple[str, ...], include: list[str]) -> bool:
+    """Whether one of a file's paths matches one of the --include globs (fnmatch: `*` also matches '/')."""
+    return any(fnmatch.fnmatchcase(path, glob) for path in paths for glob in include)
+
+
+def _is_zip(path: Path) -> bool:
+    return path.is_file() and zipfile.is_zipfile(path)
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        return path.is_file() and tarfile.is_tarfile(path)
+    except (OSError, EOFError, tarfile.TarError):
+        return False
+
+
+def _archive_members(path: Path, kind: str) -> list[tuple[str, str | tuple[int, int], str | None]]:
+    """(name, what a worker reads, why it is not read or None) of each file of a zip or tar (folders left out)."""
+    try:
+        if kind == "zip":
+            with zipfile.ZipFile(path) as archive:
+                infos = [i for i in archive.infolist() if not i.is_dir()]
+            link = "symbolic link: not followed"
+            return [(i.filename, i.filename, link if stat.S_ISLNK(i.external_attr >> 16) else None) for i in infos]
+        with tarfile.open(path, "r:*") as archive:  # one pass over the archive: its index of members
+            infos = [i for i in archive.getmembers() if not i.isdir()]
+        return [(i.name, (i.offset_data, i.size), _tar_problem(i)) for i in infos]
+    except (OSError, EOFError, zipfile.BadZipFile, tarfile.TarError) as e:
+        raise ConfigError(f"--src {path}: cannot read the archive: {first_line(e)}") from None
+
+
+class Sources:
+    """Several sources as one sorted list of files; each file's relative path starts with its source's name when
+    there are two or more."""
+
+    def __init__(self, srcs: list[str], include: list[str]):
+        if not srcs:
+            raise ConfigError("--src is required: a folder, zip or tar of images (or several, comma-separated)")
+        self.sources = [Source(s, include, prefixed=len(srcs) > 1) for s in srcs]
+        names = [s.name for s in self.sources]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"--src names two sources {twice[0]}; their files would get the same paths")
+        entries = sorted(
+            (rel, k, member, inner)
+            for k, s in enumerate(self.sources)
+            for rel, member, inner in zip(s.relative, s.members, s.inner)
+        )
+        self.relative = [e[0] for e in entries]
+        self.owner = [e[1] for e in entries]  # index of the source of each file
+        self.members = [e[2] for e in entries]
+        self.inner = [e[3] for e in entries]
+        self.skipped = [{"path": path, "reason": reason} for s in self.sources for path, reason in s.skipped]
+
+    def classes(self, rule: str) -> tuple[list[str] | None, list[int]]:
+        """Class names and each file's class index (-1: none) by a rule: folders (ImageFolder's top-level
+        folders, inside each source), source (the source's name), none."""
+        if rule == "source":
+            if len(self.sources) < 2:
+                raise ConfigError("--classes source labels each image by its source; give two or more --src")
+            names = sorted(s.name for s in self.sources)
+            return names, [names.index(self.sources[k].name) for k in self.owner]
+        classes = folder_classes(self.inner) if rule == "folders" else None
+        index = {name: i for i, name in enumerate(classes or [])}
+        return classes, [index[PurePosixPath(r).parts[0]] if classes else -1 for r in self.inner]
 
 
 def encode(image: Image.Image, encoding: str, quality: int) -> bytes:
@@ -93,15 +253,16 @@ def encode(image: Image.Image, encoding: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-UNSAFE_PATH = "unsafe path: leads out of the archive (..)"
-
 _worker: dict = {}
 
 
-def _init_worker(src: str, is_zip: bool, size: int, mode: str, encoding: str, quality: int) -> None:
-    _worker.update(size=size, mode=mode, encoding=encoding, quality=quality)
-    _worker["zip"] = zipfile.ZipFile(src) if is_zip else None  # one handle per worker process
-    _worker["root"] = Path(src)
+def _init_worker(
+    sources: list[tuple[str, str]], size: int, mode: str, encoding: str, quality: int, background: list[int]
+) -> None:
+    """sources: (kind, path) of each source, as Source.readable gives them."""
+    _worker.update(size=size, mode=mode, encoding=encoding, quality=quality, background=tuple(background))
+    _worker["sources"] = sources
+    _worker["handles"] = {}  # one open zip or tar per source and worker process, opened on first use
 
 
 def _init_pool_worker(*args) -> None:
@@ -111,12 +272,25 @@ def _init_pool_worker(*args) -> None:
     _init_worker(*args)
 
 
-def _process(member: str) -> tuple[bytes | None, str | None]:
+def _read(source: int, member: str | tuple[int, int]) -> bytes:
+    kind, path = _worker["sources"][source]
+    if kind == "dir":
+        return (Path(path) / member).read_bytes()
+    handles = _worker["handles"]
+    if source not in handles:
+        handles[source] = zipfile.ZipFile(path) if kind == "zip" else open(path, "rb")  # noqa: SIM115
+    if kind == "zip":
+        return handles[source].read(member)
+    offset, size = member
+    handles[source].seek(offset)
+    return handles[source].read(size)
+
+
+def _process(task: tuple[int, str | tuple[int, int]]) -> tuple[bytes | None, str | None]:
     """(encoded image, None) or (None, why it was skipped)."""
     try:
-        raw = _worker["zip"].read(member) if _worker["zip"] is not None else (_worker["root"] / member).read_bytes()
-        with Image.open(io.BytesIO(raw)) as image:
-            image = square_resize(image, _worker["size"], _worker["mode"])
+        with Image.open(io.BytesIO(_read(*task))) as image:
+            image = square_resize(image, _worker["size"], _worker["mode"], _worker["background"])
         return encode(image, _worker["encoding"], _worker["quality"]), None
     except UnidentifiedImageError:
         return None, "not an image (no decoder recognises it)"
@@ -185,20 +359,22 @@ class _SplitWriter:
         ]
 
 
-def _check_out(out: Path, src: Path, overwrite: bool) -> None:
+def _check_out(out: Path, srcs: list[Path], overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace its contents")
-    resolved_out, resolved_src = out.resolve(), src.resolve()
-    if resolved_out == resolved_src or resolved_out in resolved_src.parents:
-        raise ConfigError(f"--out {out} contains --src {src}; replacing it would delete the source images")
-    if resolved_src in resolved_out.parents:
-        raise ConfigError(f"--out {out} is inside --src {src}; a later run would read the shards as images")
+    resolved_out = out.resolve()
+    for src in srcs:
+        resolved_src = src.resolve()
+        if resolved_out == resolved_src or resolved_out in resolved_src.parents:
+            raise ConfigError(f"--out {out} contains --src {src}; replacing it would delete the source images")
+        if resolved_src in resolved_out.parents:
+            raise ConfigError(f"--out {out} is inside --src {src}; a later run would read the shards as images")
 
 
 def prepare(
-    src: str,
+    src: str | list[str],
     out: str,
     size: int = 64,
     format: str = "jpg",
@@ -206,6 +382,13 @@ def prepare(
     shard_size: int = 10_000,
     val_fraction: float = 0.0,
     channels: int = 3,
+    background: str = DEFAULT_BACKGROUND,
+    include: str | list[str] | None = None,
+    classes: str = "folders",
+    labels: str = "",
+    label_column: str = "",
+    unlabelled: str = "refuse",
+    unmatched: str = "refuse",
     seed: int = 0,
     workers: int | None = None,
     overwrite: bool = False,
@@ -226,50 +409,71 @@ def prepare(
         (0.0 <= val_fraction < 1.0, f"--val_fraction must be in [0, 1); got {val_fraction}"),
         (channels in (1, 3), f"--channels must be 1 or 3; got {channels}"),
         (workers is None or workers >= 1, f"--workers must be >= 1; got {workers}"),
+        (classes in CLASS_RULES, f"--classes must be one of {', '.join(CLASS_RULES)}; got {classes!r}"),
+        (unlabelled in UNLABELLED, f"--unlabelled must be one of {', '.join(UNLABELLED)}; got {unlabelled!r}"),
+        (unmatched in UNMATCHED, f"--unmatched must be one of {', '.join(UNMATCHED)}; got {unmatched!r}"),
+        (not labels or classes == "folders", f"--labels gives the classes; --classes {classes} cannot be used with it"),
+        (labels or not label_column, "--label_column names a column of --labels, which is not given"),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    out_dir, source = Path(out).resolve(), Source(src)  # resolved: "." and "a/.." have no usable name
-    _check_out(out_dir, source.path, overwrite)
+    rgb = parse_background(background)
+    include = as_list(include)
+    sources = Sources(as_list(src), include)
+    out_dir = Path(out).resolve()  # resolved: "." and "a/.." have no usable name
+    _check_out(out_dir, [s.path for s in sources.sources], overwrite)
     workers = workers or min(os.cpu_count() or 1, 32)
 
-    n = len(source.members)
-    order = torch.randperm(n, generator=rng.generator(seed, rng.PREPARE_ORDER)).tolist()
+    skipped = list(sources.skipped)
+    if labels:
+        table = read_table(labels, str(label_column))
+        labelling = label(table, sources.relative, unlabelled, unmatched)
+        class_names, file_class = labelling.classes, labelling.labels
+        skipped += [{"path": r, "reason": NOT_LABELLED} for r in labelling.unlabelled]
+        labelled = labelling.summary(table)
+    else:
+        class_names, file_class = sources.classes(classes)
+        labelled = None
+    candidates = [i for i, k in enumerate(file_class) if k is not None]  # indices in sorted source order
+    n = len(candidates)
+    order = [candidates[i] for i in torch.randperm(n, generator=rng.generator(seed, rng.PREPARE_ORDER)).tolist()]
     num_val = round(n * val_fraction)
-    classes = source.classes()
-    class_index = {name: i for i, name in enumerate(classes or [])}
 
     staging = out_dir.parent / f".{out_dir.name}.partial"
+    scratch = out_dir.parent / f".{out_dir.name}.sources"  # decompressed tars, deleted at the end
     kept = f" and the data already in {out} is untouched" if out_dir.is_dir() and any(out_dir.iterdir()) else ""
     writers: dict[str, _SplitWriter] = {}
     try:
-        shutil.rmtree(staging, ignore_errors=True)
+        for folder in (staging, scratch):
+            shutil.rmtree(folder, ignore_errors=True)
         staging.mkdir(parents=True)
         writers = {
             "val": _SplitWriter(staging, "val", num_val, shard_size),
             "train": _SplitWriter(staging, "train", n - num_val, shard_size),
         }
-        skipped = [{"path": name, "reason": UNSAFE_PATH} for name in source.unsafe]
-        init_args = (str(source.path), source.is_zip, size, "RGB" if channels == 3 else "L", format, quality)
-        members = [source.members[i] for i in order]
+        readers = [(s.kind, s.readable(scratch)) for s in sources.sources]
+        init_args = (readers, size, "RGB" if channels == 3 else "L", format, quality, list(rgb))
+        tasks = [(sources.owner[i], sources.members[i]) for i in order]
         bar = tqdm(total=n, unit="img", desc="prepare", disable=not progress, dynamic_ncols=True, mininterval=1.0)
         if workers == 1:
             _init_worker(*init_args)
-            results = map(_process, members)
+            results = map(_process, tasks)
             pool = None
         else:
             pool = multiprocessing.get_context("fork").Pool(workers, _init_pool_worker, init_args)
-            results = pool.imap(_process, members, chunksize=16)  # imap keeps the input order
+            results = pool.imap(_process, tasks, chunksize=16)  # imap keeps the input order
+        per_class = [0] * len(class_names or [])
         try:
             for position, (index, (data, error)) in enumerate(zip(order, results)):
                 bar.update()
                 if data is None:
-                    skipped.append({"path": source.relative[index], "reason": error})
+                    skipped.append({"path": sources.relative[index], "reason": error})
                     continue
                 sample = {"__key__": f"{index:08d}", format: data}  # key: index in sorted source order
-                if classes:
-                    sample["cls"] = str(class_index[PurePosixPath(source.relative[index]).parts[0]])
+                if class_names:
+                    sample["cls"] = str(file_class[index])
+                    per_class[file_class[index]] += 1
                 if position < num_val:
                     writers["val"].write(sample, position)
                 else:
@@ -278,12 +482,13 @@ def prepare(
             bar.close()
             if pool is not None:
                 pool.terminate()
+            _worker.clear()  # the open archives of workers=1
         splits = {name: w.close() for name, w in writers.items()}
         splits = {name: shards for name, shards in splits.items() if shards}
+        num_files = len(sources.relative) + len(sources.skipped)
         if not splits:
             raise ConfigError(
-                f"--src {src}: none of its {n + len(source.unsafe)} files is a readable image "
-                f"(first: {skipped[0]['reason']})"
+                f"--src {src}: none of its {num_files} files is a readable image (first: {skipped[0]['reason']})"
             )
 
         manifest = {
@@ -292,21 +497,46 @@ def prepare(
             "image_size": size,
             "channels": channels,
             "encoding": format,
-            "source": str(source.path.resolve()),
-            "options": {"quality": quality, "shard_size": shard_size, "val_fraction": val_fraction, "seed": seed},
-            "num_files": n + len(source.unsafe),
+            "background": background,
+            "background_rgb": list(rgb),
+            **({"source": str(sources.sources[0].path.resolve())} if len(sources.sources) == 1 else {}),
+            "sources": [
+                {
+                    "path": str(s.path.resolve()),
+                    "name": s.name,
+                    "files": len(s.relative) + len(s.skipped),
+                    "excluded": s.excluded,
+                }
+                for s in sources.sources
+            ],
+            "options": {
+                "quality": quality,
+                "shard_size": shard_size,
+                "val_fraction": val_fraction,
+                "seed": seed,
+                "include": include,
+                "classes": "table" if labels else classes,
+                "unlabelled": unlabelled,
+                "unmatched": unmatched,
+            },
+            "num_files": num_files,
+            "num_excluded": sum(s.excluded for s in sources.sources),
             "num_samples": {name: sum(s["samples"] for s in shards) for name, shards in splits.items()},
-            "classes": classes,
+            "classes": class_names,
+            "samples_per_class": dict(zip(class_names, per_class)) if class_names else None,
+            "labels": labelled,
             "splits": splits,
             "num_skipped": len(skipped),
             "skipped": skipped,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        shutil.rmtree(scratch, ignore_errors=True)
         _replace_dir(staging, out_dir)
     except BaseException as e:  # an error or Ctrl-C: leave no half-written data set behind
         for writer in writers.values():
             writer.abort()
-        shutil.rmtree(staging, ignore_errors=True)
+        for folder in (staging, scratch):
+            shutil.rmtree(folder, ignore_errors=True)
         if isinstance(e, OSError):  # a full disk, mostly (an unreadable input file is skipped, not raised)
             reason = e.strerror or first_line(e)
             raise WriteError(f"could not write the shards for {out}: {reason}; nothing was published{kept}") from e
@@ -341,6 +571,19 @@ def print_summary(manifest: dict, out: str | Path) -> None:
     m = manifest
     written = ", ".join(f"{m['num_samples'][s]} {s} samples in {len(m['splits'][s])} shards" for s in m["splits"])
     print(f"wrote {written} ({m['image_size']}x{m['image_size']} {m['encoding']}) to {out}")
+    if m.get("num_excluded"):
+        print(f"--include left out {m['num_excluded']} files")
+    if m.get("samples_per_class"):
+        counts = ", ".join(f"{name} {count}" for name, count in m["samples_per_class"].items())
+        print(f"{len(m['classes'])} classes ({m['options']['classes']}): {counts}")
+    if m.get("labels"):
+        t = m["labels"]
+        o = m["options"]
+        print(
+            f"label table {t['table']} ({t['column']}, by {t['by']}): {t['num_unlabelled']} images it does not name "
+            f"({o['unlabelled']}), {t['num_unmatched']} names matching no image ({o['unmatched']})"
+            + (f", e.g. {', '.join(t['unmatched_examples'][:3])}" if t["num_unmatched"] else "")
+        )
     if m["skipped"]:
         print(f"skipped {m['num_skipped']} of {m['num_files']} files (all listed in {Path(out) / MANIFEST}):")
         for entry in m["skipped"][:10]:
@@ -349,10 +592,35 @@ def print_summary(manifest: dict, out: str | Path) -> None:
             print(f"  ... and {m['num_skipped'] - 10} more")
 
 
+LIST_FLAGS = ("src", "include")  # flags that may be repeated: their values are joined into one list
+
+
+def join_repeated(argv: list[str]) -> list[str]:
+    """argv with each repeated list flag (--src a --src b, --include=x --include=y) given once, comma-joined."""
+    values: dict[str, list[str]] = {}
+    rest, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        if name in LIST_FLAGS:
+            if "=" in arg:
+                values.setdefault(name, []).append(arg.split("=", 1)[1])
+            elif i + 1 < len(argv):
+                values.setdefault(name, []).append(argv[i + 1])
+                i += 1
+            else:
+                rest.append(arg)  # fire reports the missing value
+        else:
+            rest.append(arg)
+        i += 1
+    return rest + [f"--{name}={','.join(v)}" for name, v in values.items()]
+
+
 def cli(argv: list[str] | None = None) -> None:
     """Command-line entry: one line on stderr for a bad option (exit 2), a failed write (1) or Ctrl-C (130)."""
+    argv = join_repeated(sys.argv[1:] if argv is None else argv)
     try:
-        run_command(prepare, "distgan.data.prepare", sys.argv[1:] if argv is None else argv, usage=__doc__)
+        run_command(prepare, "distgan.data.prepare", argv, usage=__doc__)
     except WriteError as e:  # a runtime failure, as a checkpoint that cannot be written stops training: 1
         print(f"distgan: error: {e}", file=sys.stderr)
         sys.exit(1)
