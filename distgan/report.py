@@ -5,7 +5,9 @@ python -m distgan.report RUN_DIR    writes RUN_DIR/report/:
   discriminator.png  D(x) and D(G(z)) before and after the D step, with 0.5, where they should drift, marked
   samples.png        the fixed-noise samples over training: one row of 8 per sample grid, oldest at the top
                      (image models; a 2-D point model's scatter plots are in samples/ and samples_ema/)
-  eval_*.png         evaluation metrics logged every eval.every steps (digits score, modes, FID), when any
+  eval_*.png         evaluation metrics logged every eval.every steps (digits score, modes, FID, precision and
+                     recall, memorisation), when any; Inception metrics titled with what they were computed on
+  nearest.png        the last evaluation's samples nearest to a training image above those images (eval pr)
 Training writes it at the end (log.report).
 """
 
@@ -31,7 +33,13 @@ EVAL_PLOTS = (  # (metric keys and labels, title, file) of report/eval*.png, dra
      "eval_digits.png"),
     ({"modes/covered": "modes covered"}, "Modes covered by G_ema", "eval_modes.png"),
     ({"eval/fid": "FID"}, "FID of G_ema", "eval_fid.png"),
+    ({"eval/precision": "precision", "eval/recall": "recall"}, "Precision and recall of G_ema (k = 3)",
+     "eval_precision_recall.png"),
+    ({"eval/memorisation": "nearest-training distance / real-to-real distance (medians)",
+      "eval/copies": "share of samples nearer than 99% of real pairs"}, "Memorisation by G_ema (1: none; 0: copies)",
+     "eval_memorisation.png"),
 )  # fmt: skip
+FEATURE_PLOTS = ("eval_fid.png", "eval_precision_recall.png", "eval_memorisation.png")  # titled with provenance
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -131,11 +139,24 @@ def write_report(run_dir: str | Path) -> Path:
     )
     for keys, title, name in EVAL_PLOTS:
         if any(key in row for row in rows for key in keys):
-            plot(rows, keys, title, "", out / name)
+            plot(rows, keys, title + (provenance(rows) if name in FEATURE_PLOTS else ""), "", out / name)
     grids = sorted((run_dir / "samples").glob("step_*.png"))
     if grids and not _generates_points(run_dir):
         sample_strip(grids, out / "samples.png")
+    nearest = sorted((run_dir / "nearest").glob("step_*.png"))
+    if nearest:  # the last evaluation's samples nearest to a training image (top row) above those images
+        atomic_write(out / "nearest.png", nearest[-1].read_bytes())
     return out
+
+
+def provenance(rows: list[dict]) -> str:
+    """What the Inception metrics of the run were computed on (the last evaluation's), as a title's second line."""
+    last = next((row for row in reversed(rows) if "eval/num_fake" in row), None)
+    if last is None:
+        return ""
+    network = str(last.get("eval/network", "?")).removeprefix("inception sha256 ")[:12]
+    return (f"\n{last['eval/num_fake']:,} samples vs {last.get('eval/num_real', 0):,} real images "
+            f"(reference {last.get('eval/reference', '?')}, network {network})")  # fmt: skip
 
 
 def _generates_points(run_dir: Path) -> bool:

@@ -164,9 +164,12 @@ class TensorBoardSink:
         # purge_step: events of the steps a resumed run repeats are dropped, like metrics.jsonl rows
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
-    def log(self, step: int, metrics: dict[str, float]) -> None:
+    def log(self, step: int, metrics: dict[str, float | str]) -> None:
         for key, value in metrics.items():
-            self.writer.add_scalar(key, value, step)
+            if isinstance(value, str):  # provenance (the reference set, the network): text, not a curve
+                self.writer.add_text(key, value, step)
+            else:
+                self.writer.add_scalar(key, value, step)
         self.writer.flush()
 
     def image(self, step: int, name: str, grid: torch.Tensor, path: Path) -> None:

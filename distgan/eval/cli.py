@@ -1,7 +1,13 @@
 """Evaluate a checkpoint's generator from the command line.
 
-    python -m distgan.eval --checkpoint FILE [--metrics=fid,kid,digits,modes,fgsm] [--num_samples N]
-                           [--ema true|false] [--inception_weights FILE] [--out FILE.json]
+    python -m distgan.eval --checkpoint FILE [--metrics=fid,kid,pr,digits,modes,fgsm] [--num_samples N]
+                           [--num_real N] [--ema true|false] [--inception_weights FILE] [--out FILE.json]
+                           [--nearest FILE.png]
+
+fid, kid and pr (precision, recall, memorisation) are computed on Inception features of --num_samples samples
+against --num_real real images (eval.num_real); every figure is printed with that provenance: the numbers of
+images, the reference set's cache key and the network's sha256. --nearest writes the samples nearest to a
+training image above those images.
 
 Runs in one process or under torchrun / accelerate launch: every rank generates its share of the samples and
 extracts their features; the results are gathered so that every rank computes the same numbers and rank 0
@@ -18,7 +24,7 @@ from pathlib import Path
 
 from distgan.config import EVAL_METRICS, Config, ConfigError, check_metrics, eval_metrics, first_line, flag, run_command
 from distgan.dist import Runtime
-from distgan.eval.evaluator import Evaluator
+from distgan.eval.evaluator import NEAREST_SHOWN, Evaluator
 from distgan.files import atomic_write
 from distgan.state import load_models
 
@@ -43,6 +49,8 @@ def main(
     inception_weights: str | None = None,
     out: str | None = None,
     batch_size: int | None = None,
+    num_real: int | None = None,
+    nearest: str | None = None,
 ) -> None:
     """Evaluate a checkpoint's generator (see the module docstring)."""
     ema = flag(ema, "ema")
@@ -58,7 +66,9 @@ def main(
     if not names:
         raise ConfigError(f"no metrics to compute for data.source '{cfg.data.source}': pass --metrics=...")
     check_metrics(names, cfg, "--metrics")
-    for key, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+    if nearest is not None and "pr" not in names:
+        raise ConfigError("--nearest shows the samples nearest to training images, which --metrics pr finds: add pr")
+    for key, value in (("num_samples", num_samples), ("batch_size", batch_size), ("num_real", num_real)):
         if value is not None:
             if int(value) < 2:
                 raise ConfigError(f"--{key} must be >= 2; got {value}")
@@ -79,10 +89,16 @@ def main(
     if runtime.is_main:
         print(f"{checkpoint} ({which}, {cfg.eval.num_samples} samples):")
         for key, value in results.items():
-            print(f"  {key:<28} {value:.6g}")
+            print(f"  {key:<28} {value if isinstance(value, str) else format(value, '.6g')}")
         if out:
             record = {"checkpoint": str(checkpoint), "generator": which, "num_samples": cfg.eval.num_samples}
             atomic_write(out, json.dumps({**record, "metrics": results}, indent=2) + "\n")
+        if nearest and evaluator.nearest_grid is not None:
+            from distgan.grid import make_grid, save_png
+
+            grid = make_grid(evaluator.nearest_grid, nrow=NEAREST_SHOWN, value_range=(-1, 1))
+            atomic_write(nearest, lambda f: save_png(grid, f))
+            print(f"samples (top row) and their nearest training images (bottom row): {nearest}")
     runtime.close()
 
 

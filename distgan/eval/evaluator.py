@@ -29,6 +29,10 @@ from distgan.models import classes_in_turn, generate_in_batches
 # (reading, resizing, quantising, the extractor's input handling), so that no stale cache is reused.
 
 
+FEATURE_METRICS = ("fid", "kid", "pr")  # the metrics of Inception features
+NEAREST_SHOWN = 8  # samples shown beside their nearest training images
+
+
 class Evaluator:
     """The metrics of one run's generator; every rank calls it at the same points and gets the same numbers.
 
@@ -58,7 +62,10 @@ class Evaluator:
         self._warned_classes = False  # the warning about classes left out of intra-FID, once a run
         self._extractor, self._extractor_id = extractor, extractor_id
         self._real_features: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, F) features, (N,) classes
-        if {"fid", "kid"} & set(self.metrics) and extractor is None:
+        self._real_radii: torch.Tensor | None = None  # (N, 2) nearest and k-th neighbour distances
+        self._reference_key = ""  # the reference set's cache key: its identity in every metrics row
+        self.nearest_grid: torch.Tensor | None = None  # the last evaluation's samples nearest to training images
+        if set(FEATURE_METRICS) & set(self.metrics) and extractor is None:
             from distgan.eval.inception import inception_weights_path, load_inception
 
             # Found, hash-checked and built now, not at the first evaluation; the layers' initialisation (before the
@@ -125,8 +132,8 @@ class Evaluator:
                 if self.labels is not None:
                     hits = asked_mode_hits(samples, self.labels, self.cfg.data.source)
                     results.update(class_accuracy(hits, self.labels, self.cfg.model.num_classes))
-        if {"fid", "kid"} & set(self.metrics):
-            results.update(self.fid_kid(local))
+        if set(FEATURE_METRICS) & set(self.metrics):
+            results.update(self.feature_metrics(local))
         if "fgsm" in self.metrics:
             if D is None or real is None:
                 raise ValueError("the fgsm probe needs D and a batch of real inputs")
@@ -149,7 +156,9 @@ class Evaluator:
             results.update(zip(local_probe, means.tolist()))
         return results
 
-    def fid_kid(self, local: torch.Tensor) -> dict[str, float]:
+    def feature_metrics(self, local: torch.Tensor) -> dict[str, float | str]:
+        """FID, KID, precision/recall and memorisation of every rank's samples (this rank's: local), with their
+        provenance: how many generated and real images, which reference set, which network."""
         from distgan.eval.features import extract_features
         from distgan.eval.fid import fid_kid, fid_kid_by_class
         from distgan.eval.inception import to_inception_input
@@ -160,23 +169,65 @@ class Evaluator:
         if self._real_features is None:
             self._real_features = self._reference()
         real, real_labels = self._real_features
-        scores = fid_kid(real, fake)
-        out = {}
-        if "fid" in self.metrics:
-            out["eval/fid"] = float(scores["fid"])
-        if "kid" in self.metrics:
-            out["eval/kid"], out["eval/kid_std"] = float(scores["kid_mean"]), float(scores["kid_std"])
-        if self.labels is not None:
-            k = self.cfg.model.num_classes
-            out.update(self._within_classes(fid_kid_by_class(real, real_labels, fake, self.labels, k)))
+        out: dict[str, float | str] = {}
+        if {"fid", "kid"} & set(self.metrics):
+            scores = fid_kid(real, fake)
+            if "fid" in self.metrics:
+                out["eval/fid"] = float(scores["fid"])
+            if "kid" in self.metrics:
+                out["eval/kid"], out["eval/kid_std"] = float(scores["kid_mean"]), float(scores["kid_std"])
+            if self.labels is not None:
+                k = self.cfg.model.num_classes
+                out.update(self._within_classes(fid_kid_by_class(real, real_labels, fake, self.labels, k)))
+        if "pr" in self.metrics:
+            out.update(self._precision_recall(real, fake, local))
+        out.update({"eval/num_fake": len(fake), "eval/num_real": len(real), "eval/reference": self._reference_key,
+                    "eval/network": self._extractor_id})  # fmt: skip
         return out
+
+    def _precision_recall(self, real: torch.Tensor, fake: torch.Tensor, local: torch.Tensor) -> dict[str, float]:
+        """Precision, recall, memorisation and copies; the samples nearest to training images in nearest_grid."""
+        from distgan.eval.features import cached_tensor
+        from distgan.eval.precision_recall import K, nearest, neighbour_radii, precision_recall
+
+        if self._real_radii is None:
+            self._real_radii = cached_tensor([self._reference_key, f"neighbour radii k={K}"],
+                                             lambda: neighbour_radii(real), self.runtime.is_local_main)  # fmt: skip
+        scores = precision_recall(real, fake, self._real_radii)
+        distances, indices = nearest(fake, real)
+        closest = distances.argsort()[:NEAREST_SHOWN]  # the samples most like a training image
+        self.nearest_grid = self._nearest_grid(local, closest, indices[closest])
+        return {f"eval/{name}": value for name, value in scores.items()}
+
+    def _nearest_grid(self, local: torch.Tensor, samples: torch.Tensor, reals: torch.Tensor) -> torch.Tensor | None:
+        """(2n, C, H, W) in [-1, 1]: the n samples (global indices), then the real image nearest to each; on rank 0
+        (None elsewhere). Every rank must call it: the samples lie on the ranks that generated them."""
+        from distgan.eval.features import split_for_rank
+
+        share = split_for_rank(self.cfg.eval.num_samples, self.rank, self.world)
+        mine = {i: local[i - share.start].cpu() for i in samples.tolist() if i in share}
+        held = {i: image for part in self.runtime.gather_objects(mine) for i, image in part.items()}
+        if not self.runtime.is_main:
+            return None
+        _, _, reader = reference_set(self.cfg)
+        wanted, found, index = reals.tolist(), {}, 0
+        for images, _ in reader(0, 1, self.cfg.eval.batch_size):
+            for i in set(wanted) & set(range(index, index + len(images))):
+                found[i] = images[i - index].float().div(127.5).sub(1)
+            index += len(images)
+            if len(found) == len(set(wanted)):
+                break
+        fakes = torch.stack([held[i] for i in samples.tolist()]).float()
+        return torch.cat([fakes, torch.stack([found[i] for i in wanted]).to(fakes.dtype)])
 
     def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The real images' features and classes, from the cache or extracted by every rank (one writer a node)."""
-        from distgan.eval.features import extract_features, reference_features
+        from distgan.eval.features import extract_features, reference_features, reference_path
         from distgan.eval.inception import to_inception_input
 
         key, _, reader = reference_set(self.cfg)
+        key = [*key, self._extractor_id, FEATURES_VERSION]
+        self._reference_key = reference_path(key).stem
         labels: list[torch.Tensor] = []
 
         def real_batches() -> Iterator[torch.Tensor]:
@@ -189,8 +240,7 @@ class Evaluator:
             local = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
             return features, torch.cat(self.runtime.gather_objects(local))  # rank order, as the features
 
-        return reference_features([*key, self._extractor_id, FEATURES_VERSION], extract, self.runtime,
-                                  self.runtime.is_local_main)  # fmt: skip
+        return reference_features(key, extract, self.runtime, self.runtime.is_local_main)
 
     def _within_classes(self, by_class: tuple[dict[int, dict[str, float]], list[int]]) -> dict[str, float]:
         """Intra-FID/KID: each class's FID (KID) against the real images of that class, and their mean."""

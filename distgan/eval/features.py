@@ -126,3 +126,21 @@ def reference_features(
     if is_main:
         _save_cached(path, {"key": path.stem, "features": features, "labels": labels})
     return features, labels
+
+
+def cached_tensor(key_parts: Sequence[str | bytes], compute: Callable[[], torch.Tensor], is_main: bool = True):
+    """A tensor derived from cached features (no collectives: each process may compute it): from the cache, else
+    compute() (then cached by processes with is_main)."""
+    path = cache_dir("fid") / f"{content_key(*key_parts)}.pt"
+    if path.is_file():
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+            if stored["key"] == path.stem and isinstance(stored["tensor"], torch.Tensor):
+                return stored["tensor"]
+            raise ValueError("not a tensor stored under this key")
+        except Exception as e:
+            warnings.warn(f"cached {path} is unreadable ({type(e).__name__}: {e}); recomputing it", stacklevel=2)
+    tensor = compute().cpu()
+    if is_main:
+        _save_cached(path, {"key": path.stem, "tensor": tensor})
+    return tensor

@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,7 +145,9 @@ def state_dict_from_torchscript(path: str | Path) -> dict[str, torch.Tensor]:
     order of torch-fidelity's blocks, and every tensor's shape is checked against the block it goes to (the 1x3
     and 3x1 convolutions of one block have different shapes, so a wrong order cannot pass unnoticed).
     """
-    source = torch.jit.load(str(path), map_location="cpu").state_dict()
+    with warnings.catch_warnings():  # torch 2.9+ deprecates TorchScript; loading a file still works
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*is deprecated", category=FutureWarning)
+        source = torch.jit.load(str(path), map_location="cpu").state_dict()
     convs = [key.removesuffix(".weight") for key in source if key.endswith(".weight")]
     target = _torch_fidelity_inception({}).state_dict()  # the architecture's names and shapes (random weights)
     blocks = list(dict.fromkeys(k.rsplit(".", 2)[0] for k in target if k.endswith(".conv.weight")))

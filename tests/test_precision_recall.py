@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from distgan.eval import precision_recall as pr
+
+
+def gaussian(num: int, dim: int = 8, seed: int = 0, scale: float = 1.0, shift: float = 0.0) -> torch.Tensor:
+    return torch.randn(num, dim, generator=torch.Generator().manual_seed(seed)) * scale + shift
+
+
+def test_neighbour_radii_are_the_nearest_and_kth_other_rows_across_blocks(monkeypatch):
+    monkeypatch.setattr(pr, "BLOCK", 7)  # several blocks, the last one short
+    x = gaussian(30)
+    x[5] = x[11]  # a duplicate: its nearest other row is at distance 0
+    radii = pr.neighbour_radii(x, k=3)
+    full = torch.cdist(x.double(), x.double()).fill_diagonal_(float("inf")).sort(1).values
+    torch.testing.assert_close(radii, full[:, [0, 2]].float(), rtol=1e-4, atol=1e-4)
+    assert radii[5, 0] < 1e-3 and radii[11, 0] < 1e-3
+    with pytest.raises(ValueError, match="more than 3 rows"):
+        pr.neighbour_radii(x[:3])
+
+
+def test_precision_and_recall_tell_fidelity_from_diversity():
+    real = gaussian(2000, seed=0)
+    same = pr.precision_recall(real, gaussian(2000, seed=1))
+    assert same["precision"] > 0.6 and same["recall"] > 0.6
+    # A generator that drops most of the distribution: its samples are real-looking, but it covers little.
+    collapsed = pr.precision_recall(real, gaussian(2000, seed=2, scale=0.3))
+    assert collapsed["precision"] > 0.95 and collapsed["recall"] < 0.25
+    # A generator off the data: neither.
+    off = pr.precision_recall(real, gaussian(2000, seed=3, shift=4.0))
+    assert off["precision"] < 0.02 and off["recall"] < 0.02
+
+
+def test_brute_force_definitions_on_a_small_set():
+    real, fake = gaussian(40, dim=3, seed=4), gaussian(30, dim=3, seed=5, scale=1.5)
+    d_rf = torch.cdist(fake.double(), real.double())  # (30, 40)
+    r_real = torch.cdist(real.double(), real.double()).fill_diagonal_(float("inf")).sort(1).values[:, 2]
+    r_fake = torch.cdist(fake.double(), fake.double()).fill_diagonal_(float("inf")).sort(1).values[:, 2]
+    precision = (d_rf <= r_real[None]).any(1).double().mean().item()
+    recall = (d_rf.T <= r_fake[None]).any(1).double().mean().item()
+    got = pr.precision_recall(real, fake)
+    assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
+
+
+def test_memorisation_flags_copies_of_training_images_not_new_samples():
+    real = gaussian(1000, seed=6)
+    copied_rows = torch.randperm(1000, generator=torch.Generator().manual_seed(0))[:500]
+    copies = real[copied_rows] + 1e-4 * gaussian(500)
+    copied = pr.precision_recall(real, copies)
+    assert copied["memorisation"] < 0.01 and copied["copies"] > 0.99
+    fresh = pr.precision_recall(real, gaussian(500, seed=7))
+    assert 0.8 < fresh["memorisation"] < 1.5 and fresh["copies"] < 0.05
+    distances, indices = pr.nearest(copies[:3], real)
+    assert (distances < 1e-2).all() and torch.equal(indices, copied_rows[:3])
