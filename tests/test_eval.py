@@ -128,7 +128,7 @@ def test_fid_and_kid_pipeline_with_a_stand_in_network_on_one_and_two_ranks(digit
     assert two[0]["eval/fid"] == pytest.approx(one["eval/fid"], rel=1e-4)  # samples split over ranks, then gathered
     assert two[0]["eval/kid"] == pytest.approx(one["eval/kid"], rel=1e-4, abs=1e-7)
     for key in ("eval/precision", "eval/recall", "eval/memorisation", "eval/copies"):
-        assert 0 <= one[key] and two[0][key] == pytest.approx(one[key], rel=1e-4), key
+        assert one[key] >= 0 and two[0][key] == pytest.approx(one[key], rel=1e-4), key
     # Every figure says what it was computed on: the numbers of images, the reference set, the network.
     for results in (one, two[0], two[1]):
         assert results["eval/num_fake"] == 50 and results["eval/num_real"] == 300

@@ -38,7 +38,8 @@ def test_brute_force_definitions_on_a_small_set():
     r_real = torch.cdist(real.double(), real.double()).fill_diagonal_(float("inf")).sort(1).values[:, 2]
     r_fake = torch.cdist(fake.double(), fake.double()).fill_diagonal_(float("inf")).sort(1).values[:, 2]
     precision = (d_rf <= r_real[None]).any(1).double().mean().item()
-    recall = (d_rf.T <= r_fake[None]).any(1).double().mean().item()
+    d_fr = d_rf.T  # (40, 30)
+    recall = (d_fr <= r_fake[None]).any(1).double().mean().item()
     got = pr.precision_recall(real, fake)
     assert got["precision"] == pytest.approx(precision) and got["recall"] == pytest.approx(recall)
 
