@@ -215,5 +215,17 @@ def test_folders_reached_through_links_are_followed_and_loops_are_not(tmp_path):
     assert folder.classes == ["cats", "dogs"] and folder.labels == [0, 0, 0, 1, 1, 1]
     m = prepare(str(root), str(tmp_path / "out"), size=8, progress=False)
     assert m["classes"] == ["cats", "dogs"] and m["num_samples"] == {"train": 6} and m["num_files"] == 6
+    dogs = prepare(str(root), str(tmp_path / "dogs"), size=8, include="dogs/*.png", progress=False)
+    assert dogs["num_samples"] == {"train": 3} and dogs["num_excluded"] == 3 and dogs["classes"] is None
     (elsewhere / "up").symlink_to(elsewhere.parent, target_is_directory=True)  # a loop through two links
     assert list_files(root) == names
+
+
+def test_prepare_takes_the_background_as_fire_reads_it_and_records_it(tmp_path):
+    (tmp_path / "src").mkdir()
+    sticker(HIDDEN).save(tmp_path / "src" / "a.png")
+    m = prepare(str(tmp_path / "src"), str(tmp_path / "out"), size=8, format="png", background=(0, 0, 0),
+                progress=False)  # fmt: skip
+    assert m["background"] == "0,0,0" and m["background_rgb"] == [0, 0, 0]
+    sample = next(iter(tar_samples(str(tmp_path / "out" / "train-000000.tar"))))
+    assert np.asarray(Image.open(io.BytesIO(sample["png"])))[0, 0].tolist() == [0, 0, 0]

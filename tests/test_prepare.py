@@ -175,12 +175,14 @@ def test_zip_members_climbing_out_of_the_archive_are_listed_as_skipped(src, tmp_
                 z.write(path, path.relative_to(src).as_posix())
         z.writestr("../escape.jpg", good)  # a valid image: only its name is wrong
         z.writestr("photos/../../up.jpg", good)
+        z.writestr("/tmp/absolute.jpg", good)
     m = prepare(str(archive), str(tmp_path / "out"), size=16, workers=1)  # progress on: the printed summary
     climbing = [s["path"] for s in m["skipped"] if s["reason"] == "unsafe path: leads out of the archive (..)"]
     assert climbing == ["../escape.jpg", "photos/../../up.jpg"]
-    assert m["num_files"] == 18 and m["num_skipped"] == 4 and m["num_samples"] == {"train": 14}
+    assert {"path": "/tmp/absolute.jpg", "reason": "unsafe path: absolute (leads out of the archive)"} in m["skipped"]
+    assert m["num_files"] == 19 and m["num_skipped"] == 5 and m["num_samples"] == {"train": 14}
     printed = capsys.readouterr().out
-    assert "skipped 4 of 18 files" in printed and "  ../escape.jpg: unsafe path" in printed
+    assert "skipped 5 of 19 files" in printed and "  ../escape.jpg: unsafe path" in printed
 
 
 @pytest.mark.parametrize("where", ["shard", "fsync"])  # writing a shard; syncing them all, after they closed

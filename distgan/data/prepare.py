@@ -418,6 +418,8 @@ def prepare(
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if not isinstance(background, str):  # fire reads --background 0,0,0 as a tuple
+        background = ",".join(str(v) for v in background)
     rgb = parse_background(background)
     include = as_list(include)
     sources = Sources(as_list(src), include)
