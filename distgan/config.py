@@ -331,8 +331,10 @@ class EvalConfig:
     )
     num_samples: int = option(2500, "Generated samples per evaluation (the ring/grid protocol: 2,500).", minimum=2)
     num_real: int = option(
-        10_000, "FID/KID/pr: at most this many real images for the reference features (pr: the training images "
-        "memorisation is measured against).", minimum=2
+        10_000,
+        "FID/KID/pr: at most this many real images for the reference features (pr: the training images "
+        "memorisation is measured against).",
+        minimum=2,
     )
     batch_size: int = option(250, "Samples per forward pass and rank when evaluating.", minimum=1)
     inception_weights: str = option(

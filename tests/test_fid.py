@@ -7,8 +7,8 @@ import torch
 from conftest import run_ranks
 from torch import nn
 
-from distgan.eval import features, fid, inception
 from distgan.config import ConfigError
+from distgan.eval import features, fid, inception
 from distgan.files import sha256_of
 
 

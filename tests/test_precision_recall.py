@@ -54,3 +54,14 @@ def test_memorisation_flags_copies_of_training_images_not_new_samples():
     assert 0.8 < fresh["memorisation"] < 1.5 and fresh["copies"] < 0.05
     distances, indices = pr.nearest(copies[:3], real)
     assert (distances < 1e-2).all() and torch.equal(indices, copied_rows[:3])
+
+
+def test_the_same_numbers_as_torch_fidelity():
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    real, fake = gaussian(600, dim=16, seed=8), gaussian(400, dim=16, seed=9, scale=1.2, shift=0.4)
+    theirs = prc_features_to_metric(fake, real, prc_neighborhood=3, prc_batch_size=256, save_cpu_ram=True,
+                                    verbose=False)  # fmt: skip
+    ours = pr.precision_recall(real, fake)
+    assert 0.05 < ours["precision"] < 0.95 and 0.05 < ours["recall"] < 0.95  # neither trivially 0 nor 1
+    assert ours["precision"] == pytest.approx(theirs["precision"]) and ours["recall"] == pytest.approx(theirs["recall"])

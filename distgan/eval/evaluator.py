@@ -74,6 +74,11 @@ class Evaluator:
                 self._extractor = load_inception(inception_weights_path(cfg.eval.inception_weights))
             self._extractor_id = self._extractor.identity
 
+    @property
+    def extractor(self) -> nn.Module | None:
+        """The feature network (Inception, or the stand-in given), None when no metric needs one."""
+        return self._extractor
+
     def _own_rng(self):
         """Evaluation draws nothing from the global RNGs that training uses (an exact resume depends on them)."""
         cuda = [self.device] if self.device.type == "cuda" else []
@@ -167,7 +172,7 @@ class Evaluator:
         batches = (to_inception_input(chunk) for chunk in local.split(self.cfg.eval.batch_size))
         fake = extract_features(self._extractor, batches, self.runtime)  # every rank's, in the order of self.labels
         if self._real_features is None:
-            self._real_features = self._reference()
+            self._real_features = self.real_features()
         real, real_labels = self._real_features
         out: dict[str, float | str] = {}
         if {"fid", "kid"} & set(self.metrics):
@@ -220,7 +225,7 @@ class Evaluator:
         fakes = torch.stack([held[i] for i in samples.tolist()]).float()
         return torch.cat([fakes, torch.stack([found[i] for i in wanted]).to(fakes.dtype)])
 
-    def _reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def real_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The real images' features and classes, from the cache or extracted by every rank (one writer a node)."""
         from distgan.eval.features import extract_features, reference_features, reference_path
         from distgan.eval.inception import to_inception_input

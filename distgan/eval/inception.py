@@ -180,7 +180,13 @@ class InceptionFeatures(nn.Module):
 
     num_features = INCEPTION_FEATURES
 
-    def __init__(self, state_dict: dict[str, torch.Tensor], identity: str, fold_batch_norm: bool = True):
+    def __init__(
+        self,
+        state_dict: dict[str, torch.Tensor],
+        identity: str,
+        fold_batch_norm: bool = True,
+        channels_last: bool = True,
+    ):
         super().__init__()
         from torch.nn.utils.fusion import fuse_conv_bn_eval
 
@@ -189,7 +195,8 @@ class InceptionFeatures(nn.Module):
         if fold_batch_norm:
             for _, block in _basic_convs(self.net):
                 block.conv, block.bn = fuse_conv_bn_eval(block.conv, block.bn), nn.Identity()
-        self.net.to(memory_format=torch.channels_last)
+        if channels_last:  # oneDNN's convolutions take NHWC without reordering every layer's input
+            self.net.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
         self.eval()
 
@@ -198,14 +205,15 @@ class InceptionFeatures(nn.Module):
         return features
 
 
-def load_inception(path: str | Path, known: dict[str, WeightsFile] = KNOWN_FILES) -> InceptionFeatures:
-    """The Inception features module from either known file, its hash checked before anything is read."""
+def load_inception(path: str | Path, known: dict[str, WeightsFile] = KNOWN_FILES, **options) -> InceptionFeatures:
+    """The Inception features module from either known file, its hash checked before anything is read; options go
+    to InceptionFeatures."""
     file = identify(path, known)
     if file.kind == "torchscript":
         state = state_dict_from_torchscript(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    return InceptionFeatures(state, f"inception sha256 {file.sha256}")
+    return InceptionFeatures(state, f"inception sha256 {file.sha256}", **options)
 
 
 def to_inception_input(images: torch.Tensor) -> torch.Tensor:

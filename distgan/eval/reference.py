@@ -51,9 +51,13 @@ def reference_set(cfg: Config) -> tuple[list[str], int, Callable]:
     elif d.source == "folder":
         from distgan.data.folder import FolderImages
 
-        images = FolderImages(d.path, size, channels)
+        images = FolderImages.from_config(cfg)  # decoded as training decodes them: background, label table
         stats = [f"{f.relative_to(d.path)} {f.stat().st_size} {f.stat().st_mtime_ns}" for f in images.files]
-        key = ["folder", str(Path(d.path).resolve()), *stats]
+        labels = []
+        if d.labels:
+            table = Path(d.labels).stat()
+            labels = [f"labels {Path(d.labels).resolve()} {table.st_size} {table.st_mtime_ns} {d.label_column}"]
+        key = ["folder", str(Path(d.path).resolve()), *stats, f"background {d.background}", *labels]
     else:
         raise ConfigError(f"FID/KID need images; data.source '{d.source}' holds none")
     count = min(cfg.eval.num_real, len(images))
