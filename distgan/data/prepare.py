@@ -61,8 +61,8 @@ FORMAT_NAME, FORMAT_VERSION = "distgan-shards", 1
 ENCODINGS = ("jpg", "png")
 CLASS_RULES = ("folders", "source", "none")
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".tar")
-UNSAFE_PATH = "unsafe path: leads out of the archive (..)"
-ABSOLUTE_PATH = "unsafe path: absolute (leads out of the archive)"
+UNSAFE_PATH = "unsafe path that leads out of the archive (..)"
+ABSOLUTE_PATH = "unsafe absolute path (it leads out of the archive)"
 NOT_LABELLED = "not in the label table (--unlabelled skip)"
 
 
@@ -113,7 +113,8 @@ class Source:
     members: what a worker reads (a folder-relative path, a zip member's name, a tar member's (offset, size));
     relative: each file's path in the shard set (`name/...` when `prefixed`; an archive's single top-level folder
     is dropped, so an archive and its unpacked folder give the same paths); inner: the same without the prefix;
-    skipped: (path, reason) of the members that are not read (names that climb out, links, devices);
+    skipped: (path, reason) of the members that are not read (links, devices); a member whose name climbs out of
+    the archive or is absolute makes the whole archive a ConfigError;
     excluded: how many files --include left out.
     """
 
@@ -128,7 +129,9 @@ class Source:
         elif self.kind:
             stored = []
             for name, member, problem in _archive_members(self.path, self.kind):
-                problem = _member_problem(name) or problem
+                if _member_problem(name):  # an archive built to write outside itself is refused whole
+                    raise ConfigError(f"--src {src}: member {name!r} has an {_member_problem(name)}; such an archive "
+                                      f"is refused (nothing was read or written)")  # fmt: skip
                 if problem:
                     skipped.append((name, problem))
                 elif not hidden(name):
@@ -154,7 +157,7 @@ class Source:
         self.members = [e[1] for e in entries]
         self.relative = [prefix + e[0] for e in entries]
         if not entries and skipped and not self.excluded:
-            raise ConfigError(f"--src {src} holds only files whose path leads out of it, e.g. {skipped[0][0]}")
+            raise ConfigError(f"--src {src} holds no regular files, only e.g. {skipped[0][0]} ({skipped[0][1]})")
         if not entries:
             matching = f" matching --include {','.join(include)}" if include else ""
             raise ConfigError(f"--src {src} holds no files{matching}")
