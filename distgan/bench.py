@@ -629,7 +629,7 @@ def calibration(
     rows = []
 
     def row(name: str, fake: torch.Tensor, reference: torch.Tensor) -> None:
-        scores = {**fid_kid(reference, fake), **precision_recall(reference, fake)}
+        scores = {**fid_kid(reference, fake), **precision_recall(reference, fake)[0]}
         rows.append({"comparison": name, "num_fake": len(fake), "num_real": len(reference), **scores})
         print(f"{name:<44}{len(fake):>7,}{len(reference):>8,}  FID {scores['fid']:8.2f}  KID {scores['kid_mean']:.4f}"
               f"  precision {scores['precision']:.3f}  recall {scores['recall']:.3f}", flush=True)  # fmt: skip
@@ -640,13 +640,8 @@ def calibration(
     names = shard_set.classes or []
     for (i, a), (j, b) in itertools.combinations(enumerate(names), 2):
         row(f"{a} vs {b}", real[labels == i], real[labels == j])
-    wanted, images, index = set(chosen.tolist()), {}, 0
-    _, _, reader = reference_set(cfg)
-    for batch, _ in reader(0, 1, batch_size):
-        for i in wanted & set(range(index, index + len(batch))):
-            images[i] = batch[i - index]
-        index += len(batch)
-    pixels = torch.stack([images[i] for i in chosen.tolist()]).float()  # (num_fake, C, S, S), the chosen order
+    pixels = reference_set(cfg).pick(chosen.tolist()).float()  # (num_fake, C, S, S), the chosen order
+    pixels = pixels.expand(-1, 3, -1, -1)  # gray sets: Inception takes RGB
     size = pixels.shape[-1]
     blurred = F.interpolate(F.interpolate(pixels, (blur, blur), mode="area"), (size, size), mode="bilinear")
     blurred = blurred.round().clamp(0, 255).byte()

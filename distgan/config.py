@@ -519,6 +519,9 @@ def check_metrics(metrics: list[str], cfg: Config, origin: str) -> None:
     image_only = [m for m in metrics if m in ("digits", "fid", "kid", "pr") and points]
     if image_only:
         raise ConfigError(f"{origin} {image_only} need images; data.source '{cfg.data.source}' holds points")
+    if "pr" in metrics and min(cfg.eval.num_samples, cfg.eval.num_real) <= 3:  # precision_recall.K = 3 neighbours
+        raise ConfigError(f"{origin} 'pr' needs more than 3 samples and real images (k = 3 nearest neighbours); "
+                          f"eval.num_samples is {cfg.eval.num_samples}, eval.num_real {cfg.eval.num_real}")  # fmt: skip
     if "digits" in metrics and cfg.model.channels != 1:
         raise ConfigError(f"{origin} 'digits' scores grayscale digits; model.channels is {cfg.model.channels}")
 

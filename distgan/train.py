@@ -91,7 +91,7 @@ def run(cfg: Config, runtime: Runtime, run_dir: RunDir, state: TrainState, evalu
                 if evaluate:  # G_ema's samples; D and this batch for the FGSM probe
                     real_labels = inputs.real_labels[-1] if inputs.real_labels else None
                     row.update(evaluator.timed(state.G_ema, state.D_plain, inputs.reals[-1], real_labels))
-                    if evaluator.nearest_grid is not None:  # samples above their nearest training images
+                    if "pr" in evaluator.metrics:  # every rank holds it: samples above their nearest training images
                         runtime.guard(tracker.images, step, evaluator.nearest_grid, "nearest")
                 runtime.guard(tracker.log, step, row)
                 window.reset()

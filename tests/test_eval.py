@@ -112,9 +112,7 @@ def _fid_on_ranks(rank, world_size, run_dir, num_real):
     evaluator = Evaluator(
         cfg, ["fid", "kid", "pr"], Runtime(load_config(None, {"run.device": "cpu"})), TinyFeatures(), "tiny-v1"
     )
-    results = evaluator(G)
-    grid = evaluator.nearest_grid
-    return {**results, "nearest": None if grid is None else (tuple(grid.shape), grid.min().item(), grid.max().item())}
+    return {**evaluator(G), "nearest": evaluator.nearest_grid}
 
 
 def test_fid_and_kid_pipeline_with_a_stand_in_network_on_one_and_two_ranks(digits_run, tmp_path, monkeypatch):
@@ -124,7 +122,7 @@ def test_fid_and_kid_pipeline_with_a_stand_in_network_on_one_and_two_ranks(digit
     assert one["eval/fid"] > 0 and math.isfinite(one["eval/kid"]) and one["eval/kid_std"] >= 0
     monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))  # the two ranks extract the reference anew
     two = run_ranks(_fid_on_ranks, tmp_path / "two", 2, start="spawn", run_dir=digits_run, num_real=300)
-    assert {**two[0], "nearest": None} == two[1]  # every rank computes the same numbers
+    assert {k: v for k, v in two[0].items() if k != "nearest"} == {k: v for k, v in two[1].items() if k != "nearest"}
     assert two[0]["eval/fid"] == pytest.approx(one["eval/fid"], rel=1e-4)  # samples split over ranks, then gathered
     assert two[0]["eval/kid"] == pytest.approx(one["eval/kid"], rel=1e-4, abs=1e-7)
     for key in ("eval/precision", "eval/recall", "eval/memorisation", "eval/copies"):
@@ -136,9 +134,47 @@ def test_fid_and_kid_pipeline_with_a_stand_in_network_on_one_and_two_ranks(digit
     assert one["eval/reference"] == two[0]["eval/reference"]
     # The features and the real images' neighbour radii, cached.
     assert len(list((tmp_path / "cache" / "fid").glob("*.pt"))) == 2
-    # Rank 0 holds the 8 samples nearest to training images above those images; the other rank nothing.
-    assert one["nearest"][0] == (16, 1, 32, 32) and -1 <= one["nearest"][1] < one["nearest"][2] <= 1
-    assert two[0]["nearest"] == one["nearest"] and two[1]["nearest"] is None
+    # Every rank holds the 8 samples nearest to training images above those images, the same as one process.
+    assert one["nearest"].shape == (16, 1, 32, 32) and one["nearest"].min() >= -1 and one["nearest"].max() <= 1
+    torch.testing.assert_close(two[0]["nearest"], one["nearest"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(two[1]["nearest"], one["nearest"], rtol=0, atol=1e-6)
+    # The bottom row is each sample's nearest real image in the stand-in's feature space, found by brute force.
+    from distgan.eval.reference import reference_set
+    from distgan.state import load_models
+
+    cfg = load_models(checkpoint.list_checkpoints(digits_run)[-1])[0]
+    cfg.eval.num_real = 300
+    reference = reference_set(cfg)
+    reals = torch.cat([images for images, _ in reference.read(0, 1, 100)])  # (300, 1, 32, 32) uint8
+    net = TinyFeatures()
+    with torch.no_grad():
+        real_rows = net(reals.expand(-1, 3, -1, -1))
+        sample_rows = net(((one["nearest"][:8] + 1) * 127.5).round().expand(-1, 3, -1, -1))
+    nearest_real = torch.cdist(sample_rows, real_rows).argmin(1)
+    torch.testing.assert_close(one["nearest"][8:], reals[nearest_real].float() / 127.5 - 1)
+
+
+def _train_with_pr(rank: int, world_size: int, run_dir: str) -> list[str]:
+    from pathlib import Path
+
+    import distgan.eval.inception as inception
+
+    network = TinyFeatures()
+    network.identity = "tiny-v1"
+    inception.inception_weights_path = lambda configured="": Path("stand-in")  # no Inception file in this test
+    inception.load_inception = lambda path, **options: network
+    evaluation = {"eval.metrics": ["fid", "pr"], "eval.every": 2, "eval.num_samples": 40, "eval.num_real": 60,
+                  "eval.batch_size": 16}  # fmt: skip
+    train(tiny_config(Path(run_dir), **{"train.steps": 4, **evaluation}))
+    return sorted(p.name for p in (Path(run_dir) / "nearest").iterdir())
+
+
+def test_two_ranks_train_with_precision_recall_and_write_the_nearest_grids(tmp_path):
+    """Every rank runs the same collectives at every evaluation (a grid held by rank 0 alone would hang them)."""
+    ranks = run_ranks(_train_with_pr, tmp_path, 2, start="spawn", run_dir=str(tmp_path / "run"))
+    assert ranks[0] == ranks[1] == ["step_00000002.png", "step_00000004.png"], ranks
+    evaluated = [r for r in rows(tmp_path / "run") if "eval/precision" in r]
+    assert [r["step"] for r in evaluated] == [2, 4] and all(r["eval/num_fake"] == 40 for r in evaluated)
 
 
 def test_reference_features_are_cached_by_content(digits_run, tmp_path):
@@ -147,7 +183,7 @@ def test_reference_features_are_cached_by_content(digits_run, tmp_path):
 
     cfg, G, _, _ = load_models(checkpoint.list_checkpoints(digits_run)[-1])
     cfg.eval.num_samples, cfg.eval.num_real, cfg.eval.batch_size = 50, 123, 16
-    key, count, _ = reference_set(cfg)
+    key, count = reference_set(cfg)[:2]
     assert count == 123
     path = reference_path([*key, "tiny-v1", FEATURES_VERSION])
     path.unlink(missing_ok=True)
@@ -316,3 +352,27 @@ def test_the_fgsm_probe_of_a_packing_d_scores_its_packs(tmp_path):
     with torch.no_grad():
         want = torch.sigmoid(D(pack(real, 2))).double().mean().item()  # 4 verdicts, one per pair
     assert out["fgsm/real_score"] == pytest.approx(want) and 0 <= out["fgsm/real_score_eps0.03"] <= 1
+
+
+def test_a_folder_reference_is_decoded_as_training_decodes_it_and_keyed_by_its_background(tmp_path):
+    from distgan.data.folder import FolderImages
+    from distgan.eval.reference import reference_set
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(6):  # half opaque blue, half transparent holding red
+        pixels = np.zeros((16, 16, 4), np.uint8)
+        pixels[:, :8] = (0, 0, 255, 255)
+        pixels[:, 8:] = (255, 0, 0, 0)
+        Image.fromarray(pixels, "RGBA").save(folder / f"{i}.png")
+    keys, firsts = {}, {}
+    for background in ("white", "black"):
+        cfg = tiny_config(tmp_path / "run", **{"data.source": "folder", "data.path": str(folder),
+                                               "model.channels": 3, "data.background": background})  # fmt: skip
+        reference = reference_set(cfg)
+        keys[background] = reference.key
+        firsts[background] = next(reference.read(0, 1, 6))[0][0]  # (3, 32, 32) uint8
+        assert torch.equal(firsts[background], FolderImages.from_config(cfg).load(0))  # what training reads
+    assert keys["white"] != keys["black"]
+    assert firsts["white"][:, :, -4:].tolist() == torch.full((3, 32, 4), 255).tolist()
+    assert firsts["black"][:, :, -4:].tolist() == torch.zeros(3, 32, 4).tolist()

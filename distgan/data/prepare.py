@@ -11,11 +11,11 @@ source's name (the archive's file name without its suffix). --include keeps only
 the source, or in the shard set) matches one of the globs (`*` also matches '/'); --src and --include take
 comma-separated lists or may be repeated. Every file is tried as an image: transparency composited over
 --background, center-cropped to a square, resized to --size and encoded; files that are not images or cannot be
-decoded are skipped, counted and listed in the manifest, as are archive members whose path leads out of the
-archive (.., absolute) and links or devices (never followed). Classes: the top-level folders (--classes folders,
-as torchvision's ImageFolder), the source each file came from (--classes source), or a label table's column
-(--labels, see distgan/data/labels.py; images it does not name and names that match no image stop the run unless
---unlabelled skip / --unmatched ignore).
+decoded are skipped, counted and listed in the manifest, as are archive members that are links or devices
+(never followed); an archive with a member whose path leads out of it (.., absolute) is refused whole (exit 2).
+Classes: the top-level folders (--classes folders, as torchvision's ImageFolder), the source each file came from
+(--classes source), or a label table's column (--labels, see distgan/data/labels.py; images it does not name and
+names that match no image stop the run unless --unlabelled skip / --unmatched ignore).
 
 Samples are written in a seeded random order (so a small shuffle buffer at training time mixes well) to
 DIR/train-%06d.tar (and val-), with DIR/manifest.json holding per-shard sample counts and sha256 checksums. The

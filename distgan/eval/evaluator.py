@@ -17,17 +17,10 @@ import torch
 from torch import nn
 
 from distgan import rng
-from distgan.config import (
-    Config,
-    is_points,
-)
+from distgan.config import Config, is_points
 from distgan.dist import Runtime
-from distgan.eval.reference import FEATURES_VERSION, reference_set
+from distgan.eval.reference import FEATURES_VERSION, ReferenceSet, reference_set
 from distgan.models import classes_in_turn, generate_in_batches
-
-# Part of every reference-feature cache key: change it whenever the way real images become features changes
-# (reading, resizing, quantising, the extractor's input handling), so that no stale cache is reused.
-
 
 FEATURE_METRICS = ("fid", "kid", "pr")  # the metrics of Inception features
 NEAREST_SHOWN = 8  # samples shown beside their nearest training images
@@ -63,6 +56,7 @@ class Evaluator:
         self._extractor, self._extractor_id = extractor, extractor_id
         self._real_features: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, F) features, (N,) classes
         self._real_radii: torch.Tensor | None = None  # (N, 2) nearest and k-th neighbour distances
+        self._reference: ReferenceSet | None = None  # the real images, once real_features() has named them
         self._reference_key = ""  # the reference set's cache key: its identity in every metrics row
         self.nearest_grid: torch.Tensor | None = None  # the last evaluation's samples nearest to training images
         if set(FEATURE_METRICS) & set(self.metrics) and extractor is None:
@@ -98,7 +92,7 @@ class Evaluator:
 
     def __call__(
         self, G: nn.Module, D: nn.Module | None = None, real: torch.Tensor | None = None, real_labels=None
-    ) -> dict[str, float]:
+    ) -> dict[str, float | str]:
         """The metrics of G (G_ema, usually); D and a batch of real model inputs (with their classes, for a
         conditional D) for the FGSM probe."""
         with self._own_rng():
@@ -106,15 +100,17 @@ class Evaluator:
 
     def timed(
         self, G: nn.Module, D: nn.Module | None = None, real: torch.Tensor | None = None, real_labels=None
-    ) -> dict[str, float]:
+    ) -> dict[str, float | str]:
         """The metrics and `eval/seconds`, this rank's time for them (training logs rank 0's)."""
         started = time.perf_counter()
         results = self(G, D, real, real_labels)
         return {**results, "eval/seconds": time.perf_counter() - started}
 
-    def _evaluate(self, G: nn.Module, D: nn.Module | None, real: torch.Tensor | None, real_labels) -> dict[str, float]:
+    def _evaluate(
+        self, G: nn.Module, D: nn.Module | None, real: torch.Tensor | None, real_labels
+    ) -> dict[str, float | str]:
         local = self.local_samples(G)
-        results: dict[str, float] = {}
+        results: dict[str, float | str] = {}
         if "digits" in self.metrics or "modes" in self.metrics:
             samples = self.gather(local)
             if "digits" in self.metrics:
@@ -193,45 +189,34 @@ class Evaluator:
     def _precision_recall(self, real: torch.Tensor, fake: torch.Tensor, local: torch.Tensor) -> dict[str, float]:
         """Precision, recall, memorisation and copies; the samples nearest to training images in nearest_grid."""
         from distgan.eval.features import cached_tensor
-        from distgan.eval.precision_recall import K, nearest, neighbour_radii, precision_recall
+        from distgan.eval.precision_recall import K, neighbour_radii, precision_recall
 
         if self._real_radii is None:
             self._real_radii = cached_tensor([self._reference_key, f"neighbour radii k={K}"],
                                              lambda: neighbour_radii(real), self.runtime.is_local_main)  # fmt: skip
-        scores = precision_recall(real, fake, self._real_radii)
-        distances, indices = nearest(fake, real)
+        scores, distances, indices = precision_recall(real, fake, self._real_radii)
         closest = distances.argsort()[:NEAREST_SHOWN]  # the samples most like a training image
-        self.nearest_grid = self._nearest_grid(local, closest, indices[closest])
+        self.nearest_grid = self._nearest_grid(local, closest.tolist(), indices[closest].tolist())
         return {f"eval/{name}": value for name, value in scores.items()}
 
-    def _nearest_grid(self, local: torch.Tensor, samples: torch.Tensor, reals: torch.Tensor) -> torch.Tensor | None:
-        """(2n, C, H, W) in [-1, 1]: the n samples (global indices), then the real image nearest to each; on rank 0
-        (None elsewhere). Every rank must call it: the samples lie on the ranks that generated them."""
+    def _nearest_grid(self, local: torch.Tensor, samples: list[int], reals: list[int]) -> torch.Tensor:
+        """(2n, C, H, W) in [-1, 1]: the n samples (global indices), then the real image nearest to each, on every
+        rank (every rank must call it: the samples lie on the ranks that generated them)."""
         from distgan.eval.features import split_for_rank
 
         share = split_for_rank(self.cfg.eval.num_samples, self.rank, self.world)
-        mine = {i: local[i - share.start].cpu() for i in samples.tolist() if i in share}
+        mine = {i: local[i - share.start].cpu().float() for i in samples if i in share}
         held = {i: image for part in self.runtime.gather_objects(mine) for i, image in part.items()}
-        if not self.runtime.is_main:
-            return None
-        _, _, reader = reference_set(self.cfg)
-        wanted, found, index = reals.tolist(), {}, 0
-        for images, _ in reader(0, 1, self.cfg.eval.batch_size):
-            for i in set(wanted) & set(range(index, index + len(images))):
-                found[i] = images[i - index].float().div(127.5).sub(1)
-            index += len(images)
-            if len(found) == len(set(wanted)):
-                break
-        fakes = torch.stack([held[i] for i in samples.tolist()]).float()
-        return torch.cat([fakes, torch.stack([found[i] for i in wanted]).to(fakes.dtype)])
+        nearest_reals = self._reference.pick(reals).float().div(127.5).sub(1)  # (n, C, H, W)
+        return torch.cat([torch.stack([held[i] for i in samples]), nearest_reals])
 
     def real_features(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The real images' features and classes, from the cache or extracted by every rank (one writer a node)."""
         from distgan.eval.features import extract_features, reference_features, reference_path
         from distgan.eval.inception import to_inception_input
 
-        key, _, reader = reference_set(self.cfg)
-        key = [*key, self._extractor_id, FEATURES_VERSION]
+        self._reference = reference_set(self.cfg)
+        key, reader = [*self._reference.key, self._extractor_id, FEATURES_VERSION], self._reference.read
         self._reference_key = reference_path(key).stem
         labels: list[torch.Tensor] = []
 

@@ -131,7 +131,7 @@ def reference_features(
 def cached_tensor(key_parts: Sequence[str | bytes], compute: Callable[[], torch.Tensor], is_main: bool = True):
     """A tensor derived from cached features (no collectives: each process may compute it): from the cache, else
     compute() (then cached by processes with is_main)."""
-    path = cache_dir("fid") / f"{content_key(*key_parts)}.pt"
+    path = reference_path(key_parts)
     if path.is_file():
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)

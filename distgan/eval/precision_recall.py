@@ -24,11 +24,11 @@ BLOCK = 2048  # rows of a distance block
 COPY_QUANTILE = 0.01  # a sample nearer to a training image than this quantile of real-to-real distances is a copy
 
 
-def _blocks(a: torch.Tensor, b: torch.Tensor, block: int = BLOCK):
-    """(start, distances (rows of a in the block, len(b))) for consecutive blocks of a's rows."""
+def _blocks(a: torch.Tensor, b: torch.Tensor):
+    """(start, distances (rows of a in the block, len(b))) for consecutive blocks of BLOCK rows of a."""
     b = b.float()
-    for start in range(0, len(a), block):
-        yield start, torch.cdist(a[start : start + block].float(), b)
+    for start in range(0, len(a), BLOCK):
+        yield start, torch.cdist(a[start : start + BLOCK].float(), b)
 
 
 def neighbour_radii(features: torch.Tensor, k: int = K) -> torch.Tensor:
@@ -44,36 +44,38 @@ def neighbour_radii(features: torch.Tensor, k: int = K) -> torch.Tensor:
     return radii
 
 
-def _inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> torch.Tensor:
-    """bool (len(points),): whether each point lies within the ball of some centre."""
-    radii = radii.to(centres.device)
-    return torch.cat([(distances <= radii[None]).any(1).cpu() for _, distances in _blocks(points, centres)])
-
-
-def nearest(points: torch.Tensor, others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each point's distance to its nearest row of others, and that row's index: (len(points),) each."""
-    found = [distances.min(1) for _, distances in _blocks(points, others)]
-    return torch.cat([f.values.cpu() for f in found]), torch.cat([f.indices.cpu() for f in found])
-
-
 def precision_recall(
     real: torch.Tensor, fake: torch.Tensor, real_radii: torch.Tensor | None = None, k: int = K
-) -> dict[str, float]:
-    """Precision, recall, memorisation and copies of fake features (M, F) against real features (N, F).
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """Precision, recall, memorisation and copies of fake features (M, F) against real features (N, F); and each
+    fake row's distance to its nearest real row and that row's index, (M,) each.
 
-    real_radii: neighbour_radii(real, k), when cached; computed here otherwise.
+    real_radii: neighbour_radii(real, k), when cached; computed here otherwise. One pass over the M x N distances
+    gives all of it: a fake row is inside the real manifold when some distance in its row is within that real
+    row's radius, a real row is inside the fake manifold when some distance in its column is within that fake
+    row's radius.
     """
     if real.dim() != 2 or real.shape[1:] != fake.shape[1:]:
-        raise ValueError(
-            f"expected two (N, F) feature sets with the same F, got {tuple(real.shape)}, {tuple(fake.shape)}"
-        )
-    real_radii = neighbour_radii(real, k) if real_radii is None else real_radii
-    fake_radii = neighbour_radii(fake, k)
-    to_real, _ = nearest(fake, real)
-    real_gaps = real_radii[:, 0]  # each real image's distance to its nearest other real image
-    return {
-        "precision": _inside(fake, real, real_radii[:, 1]).double().mean().item(),
-        "recall": _inside(real, fake, fake_radii[:, 1]).double().mean().item(),
+        shapes = f"{tuple(real.shape)} and {tuple(fake.shape)}"
+        raise ValueError(f"expected two (N, F) feature sets with the same F, got {shapes}")
+    real = real.to(fake.device)
+    real_radii = (neighbour_radii(real, k) if real_radii is None else real_radii).to(fake.device)
+    fake_radii = neighbour_radii(fake, k).to(fake.device)
+    precise = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
+    recalled = torch.zeros(len(real), dtype=torch.bool, device=fake.device)
+    to_real, index = torch.empty(len(fake)), torch.empty(len(fake), dtype=torch.long)
+    for start, distances in _blocks(fake, real):  # (B, N)
+        rows = slice(start, start + len(distances))
+        precise[rows] = (distances <= real_radii[None, :, 1]).any(1)
+        recalled |= (distances <= fake_radii[rows, 1, None]).any(0)
+        found = distances.min(1)
+        to_real[rows], index[rows] = found.values.cpu(), found.indices.cpu()
+    real_gaps = real_radii[:, 0].cpu()  # each real image's distance to its nearest other real image
+    threshold = torch.quantile(real_gaps.double(), COPY_QUANTILE).float()
+    scores = {
+        "precision": precise.double().mean().item(),
+        "recall": recalled.double().mean().item(),
         "memorisation": (to_real.median() / real_gaps.median()).item(),
-        "copies": (to_real < torch.quantile(real_gaps.double(), COPY_QUANTILE).float()).double().mean().item(),
+        "copies": (to_real <= threshold).double().mean().item(),  # <=: duplicates in the data make it 0
     }
+    return scores, to_real, index

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,18 @@ from distgan.config import Config, ConfigError
 FEATURES_VERSION = "reference-features-v3"  # v3: transparency composited over data.background
 
 
-def reference_set(cfg: Config) -> tuple[list[str], int, Callable]:
-    """What defines the real images FID/KID compare against (the cache key), how many, and a per-rank reader.
+class ReferenceSet(NamedTuple):
+    """The real images the Inception metrics compare with (see reference_set)."""
+
+    key: list[str]  # everything that defines them: the feature cache's key
+    count: int  # how many
+    read: Callable[[int, int, int], Iterator[tuple[torch.Tensor, torch.Tensor]]]  # (rank, world, batch) -> batches
+    pick: Callable[[list[int]], torch.Tensor]  # indices into the set -> uint8 (n, C, S, S), in that order
+
+
+def reference_set(cfg: Config) -> ReferenceSet:
+    """What defines the real images FID/KID compare against (the cache key), how many, a per-rank reader, and a
+    picker of single images by their index in the set.
 
     The reference is eval.num_real images of the data source in a fixed order, read without shuffling or flips:
     for shards the first ones in the manifest's shard order (`prepare` wrote them in a seeded random order); for
@@ -38,7 +49,11 @@ def reference_set(cfg: Config) -> tuple[list[str], int, Callable]:
         count = min(cfg.eval.num_real, shard_set.num_samples)
         # The shards' content (their sha256, cached), so an edited shard never reuses stale features.
         key = ["shards", *(f"{shard_identity(s)} {s.samples}" for s in shard_set.shards), *common, f"count {count}"]
-        return key, count, lambda rank, world, batch: _shard_images(shard_set, count, rank, world, batch, cfg)
+
+        def read(rank: int, world: int, batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            return _shard_images(shard_set, count, rank, world, batch, cfg)
+
+        return ReferenceSet(key, count, read, lambda indices: _picked(read(0, 1, 256), indices))
     if d.source == "digits":
         from distgan.data.sources import digits_set
 
@@ -61,11 +76,24 @@ def reference_set(cfg: Config) -> tuple[list[str], int, Callable]:
     else:
         raise ConfigError(f"FID/KID need images; data.source '{d.source}' holds none")
     count = min(cfg.eval.num_real, len(images))
-    return (
+    return ReferenceSet(
         [*key, *common, f"count {count}"],
         count,
         lambda rank, world, batch: _indexed_images(images, count, rank, world, batch),
+        lambda indices: images.get(torch.tensor(indices, dtype=torch.long) * len(images) // count)[0],
     )
+
+
+def _picked(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], indices: list[int]) -> torch.Tensor:
+    """The images at these positions of a stream of batches (read up to the last one wanted), in that order."""
+    wanted, found, index = set(indices), {}, 0
+    for images, _ in batches:
+        for i in wanted & set(range(index, index + len(images))):
+            found[i] = images[i - index]
+        index += len(images)
+        if len(found) == len(wanted):
+            break
+    return torch.stack([found[i] for i in indices])
 
 
 def _indexed_images(
