@@ -82,3 +82,12 @@ def test_too_few_images_for_three_neighbours_are_refused_at_start_up(tmp_path):
     with pytest.raises(ConfigError, match="'pr' needs more than 3 samples and real images"):
         load_config(None, {"eval.metrics": ["pr"], "eval.num_samples": 3, "run.dir": str(tmp_path / "run")})
     load_config(None, {"eval.metrics": ["pr"], "eval.num_samples": 4, "run.dir": str(tmp_path / "run")})
+
+
+def test_copies_are_counted_when_the_training_set_holds_duplicates():
+    real = gaussian(1000, seed=12)
+    real[500:600] = real[:100]  # a tenth of the images twice: their nearest other real image is at distance 0
+    copies = real[torch.arange(0, 1000, 3)] + 1e-4 * gaussian(334, seed=13)
+    assert pr.precision_recall(real, copies)[0]["copies"] > 0.99
+    assert pr.precision_recall(real, gaussian(500, seed=14))[0]["copies"] < 0.05
+    assert pr.copy_threshold(torch.zeros(10)) == 0  # all duplicates: only exact copies count

@@ -8,7 +8,8 @@ to the row's k-th nearest neighbour in the same set (k = 3, the paper's and Styl
 - memorisation: each sample's distance to its nearest real (training) image, over the distance from real images
   to their nearest other real image; `memorisation` is the ratio of the two medians. About 1 or above: samples
   are as far from the training images as those are from each other; far below 1: samples copy training images.
-  `copies` is the share of samples closer to a training image than 99% of the real images are to theirs.
+  `copies` is the share of samples closer to a training image than 99% of the real images are to their nearest
+  distinct other (duplicates in the data left out: see copy_threshold).
 
 The real set's radii (k-th and nearest neighbour) depend on the real features alone: the Evaluator caches them
 with those features. Distances are Euclidean in float32, computed in blocks (a 15,000 x 15,000 matrix at once would
@@ -22,6 +23,7 @@ import torch
 K = 3  # the neighbour whose distance sets a ball's radius
 BLOCK = 2048  # rows of a distance block
 COPY_QUANTILE = 0.01  # a sample nearer to a training image than this quantile of real-to-real distances is a copy
+DUPLICATE_FRACTION = 0.01  # real-to-real distances below this fraction of their median are duplicates
 
 
 def _blocks(a: torch.Tensor, b: torch.Tensor):
@@ -42,6 +44,15 @@ def neighbour_radii(features: torch.Tensor, k: int = K) -> torch.Tensor:
         nearest = distances.topk(k, dim=1, largest=False).values  # (B, k), ascending
         radii[start : start + len(distances)] = torch.stack([nearest[:, 0], nearest[:, k - 1]], 1).cpu()
     return radii
+
+
+def copy_threshold(real_gaps: torch.Tensor) -> torch.Tensor:
+    """The distance below which a sample copies a training image: the COPY_QUANTILE quantile of the real images'
+    distances to their nearest distinct other real image. Duplicates in the data (emoji in several skin tones or
+    vendors drawn alike) sit at distance 0, or at float32 rounding's few hundredths of it: they are left out
+    (gaps below DUPLICATE_FRACTION of the median), or they would pull the threshold to the rounding noise."""
+    distinct = real_gaps[real_gaps > DUPLICATE_FRACTION * real_gaps.median()].double()
+    return torch.quantile(distinct, COPY_QUANTILE).float() if len(distinct) else torch.zeros(())
 
 
 def precision_recall(
@@ -71,11 +82,11 @@ def precision_recall(
         found = distances.min(1)
         to_real[rows], index[rows] = found.values.cpu(), found.indices.cpu()
     real_gaps = real_radii[:, 0].cpu()  # each real image's distance to its nearest other real image
-    threshold = torch.quantile(real_gaps.double(), COPY_QUANTILE).float()
+    threshold = copy_threshold(real_gaps)
     scores = {
         "precision": precise.double().mean().item(),
         "recall": recalled.double().mean().item(),
         "memorisation": (to_real.median() / real_gaps.median()).item(),
-        "copies": (to_real <= threshold).double().mean().item(),  # <=: duplicates in the data make it 0
+        "copies": (to_real <= threshold).double().mean().item(),
     }
     return scores, to_real, index
