@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import itertools
 import math
 import os
 import sys
@@ -58,7 +59,7 @@ def option(
 @dataclass
 class RunConfig:
     dir: str = option("", "Run directory (config, metrics, samples, checkpoints); empty: runs/<config file stem>.")
-    seed: int = option(0, "Seed of weights, data order, noise and the fixed sample batch.")
+    seed: int = option(0, "Seed of weights, data order, noise and the fixed sample batch.", minimum=0)
     device: str = option("auto", "auto: CUDA when available, else CPU; cpu: force the CPU.", choices=("auto", "cpu"))
 
 
@@ -131,6 +132,11 @@ class DataConfig:
         "shards with a manifest, checked at start: hash (each shard's size and sha256; a shard is hashed once, "
         "then cached by path, size and mtime), size (sizes only), off. A missing or changed shard stops the run.",
         choices=("hash", "size", "off"),
+    )
+    accept_new_shards: bool = option(
+        False,
+        "shards: resume on a shard set other than the one the checkpoint's run read (the manifest's hashes differ: "
+        "prepared again); reading then starts a fresh epoch. Off: such a resume is refused.",
     )
     background: str = option(
         "white",
@@ -417,17 +423,74 @@ def _merge(base, update: dict, origin: str):
         raise ConfigError(f"{origin}: {first_line(e)}") from None
 
 
-def _read_yaml(path: Path) -> dict:
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few KB; a bigger one is some other file
+MAX_YAML_NODES = 100_000  # after expanding aliases: a real config has a few hundred; an alias bomb billions
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a key written twice in one mapping (a section written twice would silently
+    drop the first one's keys), naming both lines."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if key is None or key == "<<":
+                continue
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"line {line}: '{key}' is written twice in one mapping (first on line {seen[key]})")
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """Nodes in the document once its aliases are expanded, counted without expanding them (each node once)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias counts once
+        children = node.value if isinstance(node.value, list) else []
+        flat = [n for child in children for n in (child if isinstance(child, tuple) else (child,))]
+        sizes[id(node)] = min(1 + sum(_expanded_size(child, sizes) for child in flat), MAX_YAML_NODES + 1)
+    return sizes[id(node)]
+
+
+def read_yaml(path: Path, what: str = "config file") -> dict:
+    """A YAML mapping from path, or a one-line ConfigError: missing, a folder, not UTF-8, too large, invalid,
+    a key written twice, an alias bomb, or a dotted key where YAML nests sections."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a folder, not a file")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{what} {path} is {path.stat().st_size:,} bytes: not a config file (those are a few KB)")
+    raw = path.read_bytes()
     try:
-        data = yaml.safe_load(path.read_text())
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte {raw[e.start]:#04x} at offset {e.start})") from None
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_NODES:
+            raise ConfigError(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)")
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {first_line(e)}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {first_line(e)}") from None
+    except (ConfigError, RecursionError) as e:
+        reason = first_line(e) if isinstance(e, ConfigError) else "its aliases nest too deeply"
+        raise ConfigError(f"{what} {path}: {reason}") from None
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(data).__name__}")
+        raise ConfigError(f"{what} {path} must hold a mapping of sections, not {type(data).__name__}")
+    for section, keys in data.items():
+        for key in [section] + (list(keys) if isinstance(keys, dict) else []):
+            if isinstance(key, str) and "." in key:
+                head, _, tail = key.partition(".")
+                raise ConfigError(f"{what} {path}: '{key}' is one key with a dot in it; YAML nests sections: "
+                                  f"write '{head}:' and under it, indented, '{tail}: ...'")  # fmt: skip
     return data
 
 
@@ -443,6 +506,8 @@ def validate(cfg: Config) -> None:
             )
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"config key '{key}' must be a finite number; got {value!r}")
+        if any(abs(v) > INT64 for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)):
+            raise ConfigError(f"config key '{key}' is out of range: at most {INT64:,} in size; got {value!r}")
         for bound, fails, words in (
             ("minimum", float.__lt__, ">="),
             ("maximum", float.__gt__, "<="),
@@ -522,8 +587,18 @@ def check_metrics(metrics: list[str], cfg: Config, origin: str) -> None:
     if "pr" in metrics and min(cfg.eval.num_samples, cfg.eval.num_real) <= 3:  # precision_recall.K = 3 neighbours
         raise ConfigError(f"{origin} 'pr' needs more than 3 samples and real images (k = 3 nearest neighbours); "
                           f"eval.num_samples is {cfg.eval.num_samples}, eval.num_real {cfg.eval.num_real}")  # fmt: skip
+    classes = cfg.model.num_classes or (10 if cfg.data.source == "digits" else 0)  # else known once data opens
+    if cfg.model.conditional and metrics and classes:
+        check_class_samples(cfg.eval.num_samples, classes, origin)
     if "digits" in metrics and cfg.model.channels != 1:
         raise ConfigError(f"{origin} 'digits' scores grayscale digits; model.channels is {cfg.model.channels}")
+
+
+def check_class_samples(num_samples: int, num_classes: int, origin: str) -> None:
+    """A conditional model's evaluation draws the classes in turn: each class needs 2 samples to be scored."""
+    if num_samples < 2 * num_classes:
+        raise ConfigError(f"{origin}: a conditional model's metrics need eval.num_samples >= 2 per class "
+                          f"({2 * num_classes} for {num_classes} classes); got {num_samples}")  # fmt: skip
 
 
 def is_points(cfg: Config) -> bool:
@@ -550,7 +625,7 @@ def load_config(path: str | None = None, overrides: dict[str, Any] | None = None
     """Defaults <- YAML file <- dotted overrides; validated; run.dir resolved."""
     merged = OmegaConf.structured(Config)
     if path is not None:
-        merged = _merge(merged, _read_yaml(Path(path)), origin=str(path))
+        merged = _merge(merged, read_yaml(Path(path)), origin=str(path))
     for key, value in (overrides or {}).items():
         if "." not in key:
             raise ConfigError(f"unknown option --{key}; config keys look like --train.steps=100 (see --help)")
@@ -576,61 +651,130 @@ def from_dict(data: dict) -> Config:
     return OmegaConf.to_object(_merge(OmegaConf.structured(Config), data, origin="stored config"))
 
 
+TRUE, FALSE = ("true", "yes", "1"), ("false", "no", "0")
+
+
 def flag(value: Any, name: str) -> bool:
-    """A command-line boolean: fire passes --x=false as the string 'false'; accept true/false/yes/no/1/0."""
+    """A boolean flag or config value: a bool, or true/false/yes/no/1/0 in any case; anything else is refused."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower()
-    if text in ("true", "yes", "1"):
-        return True
-    if text in ("false", "no", "0"):
-        return False
-    raise ConfigError(f"--{name} takes true or false; got {value!r}")
+    if text in TRUE or text in FALSE:
+        return text in TRUE
+    raise ConfigError(f"--{name.lstrip('-')} takes true or false (or yes/no, 1/0); got {value!r}")
 
 
-def checked_call(fn):
-    """fn behind a wrapper that takes any arguments, refuses unknown flags and missing or surplus arguments
-    (ConfigError), then calls fn, returning nothing (fire would print a returned value).
+INT64 = 2**63 - 1  # the largest value of an int key (checkpoints and tensors hold them as int64)
 
-    fire calls a function with the flags it knows and complains about the others only after it returned, i.e.
-    after the command did its work and wrote its files; a wrapper taking **kwargs makes fire pass every flag in.
-    """
+
+def parse_value(raw: str | None, type_name: str, name: str) -> Any:
+    """One command-line value (raw text; None for a bare --flag) as type_name, the annotation of a command's
+    parameter or the type of a config key: bool, int, float, list[...]; str (or a union with str, or Any) as is.
+    Anything that is not a value of the type is a ConfigError naming the flag."""
+    kinds = {part.strip() for part in type_name.split("|")} - {"None"}
+    if raw is None:
+        if "bool" in kinds:
+            return True
+        raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
+    if kinds & {"str", "Any", "list[str]"} and not kinds & {"list[int]", "list[str]"}:
+        return raw
+    if kinds == {"bool"}:
+        return flag(raw, name)
+    if kinds == {"int"}:
+        return _whole_number(raw, name)
+    if kinds == {"float"}:
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"--{name} takes a number; got {raw!r}") from None
+    if kinds & {"list[int]", "list[str]"}:
+        text = raw.strip()
+        items = text[1:-1].split(",") if text.startswith("[") and text.endswith("]") else text.split(",")
+        items = [item.strip().strip("'\"") for item in items if item.strip()]
+        return [_whole_number(item, name) for item in items] if "list[int]" in kinds else items
+    return raw
+
+
+def _whole_number(raw: str, name: str) -> int:
+    text = raw.strip().replace("_", "")
+    if not text.lstrip("+-").isdigit():
+        raise ConfigError(f"--{name} takes a whole number; got {raw!r}")
+    value = int(text)
+    if abs(value) > INT64:
+        raise ConfigError(f"--{name} {raw} is out of range (at most {INT64:,} in size)")
+    return value
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], dict[str, str | None]]:
+    """argv as positional arguments and flags: --name=value, --name value, or a bare --name (None). The last of a
+    flag given twice wins; '-' in a flag's name reads as '_'; after a lone '--' everything is positional."""
+    positional: list[str] = []
+    named: dict[str, str | None] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token == "--":
+            positional += argv[i:]
+            break
+        if not token.startswith("--") or len(token) == 2:
+            positional.append(token)
+            continue
+        name, has_value, value = token[2:].partition("=")
+        name = name.replace("-", "_")
+        if not has_value and i < len(argv) and not argv[i].startswith("--"):
+            value, has_value, i = argv[i], True, i + 1
+        named.pop(name, None)  # the last one wins, and keeps its place
+        named[name] = value if has_value else None
+    return positional, named
+
+
+def call_with_flags(fn, argv: list[str]) -> None:
+    """Call fn with argv: every flag known to fn's signature (unknown ones refused with a suggestion), each value
+    parsed as its parameter's annotation (parse_value); for fn's **overrides, config keys parsed as their type.
+    Nothing of fn runs before every flag is checked."""
     import inspect
 
-    signature = inspect.signature(fn)
-    params = signature.parameters
+    params = inspect.signature(fn).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-
-    def call(*args, **kwargs) -> None:
-        for key in [] if takes_any else kwargs:
-            if key not in params:
-                close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.6)
-                hint = f" (did you mean --{close[0]}?)" if close else f" (flags: {', '.join('--' + p for p in params)})"
-                raise ConfigError(f"unknown flag --{key}{hint}")
-        try:
-            bound = signature.bind(*args, **kwargs)
-        except TypeError as e:  # "missing a required argument: 'x'", "too many positional arguments"
-            missing = str(e).split("argument: ")[-1].strip("'") if "missing" in str(e) else None
-            raise ConfigError(f"--{missing} is required" if missing else f"unexpected argument {args[-1]!r}") from None
-        fn(*bound.args, **bound.kwargs)
-
-    call.__name__, call.__doc__ = fn.__name__, fn.__doc__
-    return call
+    positional, named = split_argv(argv)
+    fields, kwargs = dict(iter_fields()), {}
+    for name, raw in named.items():
+        negated = name[2:] if name.startswith("no") and raw is None else ""
+        if name not in params and str(getattr(params.get(negated), "annotation", "")) == "bool":
+            kwargs[negated] = False  # --noema: --ema=false
+        elif name in params:
+            kwargs[name] = parse_value(raw, str(params[name].annotation), name)
+        elif takes_any:  # a config key: its type, or as it is (load_config names an unknown key)
+            kwargs[name] = parse_value(raw, str(fields[name].type), name) if name in fields else raw
+        else:
+            close = difflib.get_close_matches(name, list(params), n=1, cutoff=0.6)
+            hint = f" (did you mean --{close[0]}?)" if close else f" (flags: {', '.join('--' + p for p in params)})"
+            raise ConfigError(f"unknown flag --{name}{hint}")
+    leading = itertools.takewhile(lambda p: p.kind is p.POSITIONAL_OR_KEYWORD and p.default in (p.empty, None),
+                                  params.values())  # fmt: skip
+    takes_positional = [p for p in leading if p.name not in named]  # files: `sample CKPT`, `prepare SRC OUT`
+    if len(positional) > len(takes_positional):
+        raise ConfigError(f"unexpected argument {positional[len(takes_positional)]!r}")
+    for param, raw in zip(takes_positional, positional):
+        kwargs[param.name] = parse_value(raw, str(param.annotation), param.name)
+    missing = [p.name for p in params.values() if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD]
+    missing = [name for name in missing if name not in kwargs]
+    if missing:
+        raise ConfigError(f"--{missing[0]} is required")
+    fn(**kwargs)
 
 
 def run_command(fn, name: str, argv: list[str], usage: str | None = None) -> None:
-    """Run fn as a fire command line, every flag checked before it runs; a ConfigError (bad config or input)
-    exits with code 2 and one line.
+    """Run fn as the command `name` with argv (call_with_flags); a ConfigError (bad config or input) exits with
+    code 2 and one line on stderr. With -h or --help, prints `usage` (default: fn's signature and docstring)."""
+    import inspect
 
-    With -h or --help, prints `usage` (when given) instead of fire's generated help.
-    """
-    import fire
-
-    if usage and any(a in ("-h", "--help") for a in argv):
-        print(usage.strip())
+    if any(a in ("-h", "--help") for a in argv):
+        print((usage or f"usage: python -m {name} {inspect.signature(fn)}\n\n{fn.__doc__ or ''}").strip())
         return
     try:
-        fire.Fire(checked_call(fn), command=argv, name=name)
+        call_with_flags(fn, argv)
     except ConfigError as e:
         several = int(os.environ.get("WORLD_SIZE", "1")) > 1  # every rank reports it: say which one
         tag = f"[rank {os.environ.get('RANK', '?')}] " if several else ""

@@ -57,3 +57,18 @@ def sha256_of(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
         while chunk := f.read(chunk_bytes):
             h.update(chunk)
     return h.hexdigest()
+
+
+def output_file(value: str, flag: str, suffixes: tuple[str, ...]) -> Path:
+    """A command's output file, checked before any work: its suffix one of suffixes (any case), its folder an
+    existing one (a typo in it should not make a new tree), itself not a folder. ConfigError otherwise."""
+    from distgan.config import ConfigError
+
+    path = Path(value)
+    if path.suffix.lower() not in suffixes:
+        raise ConfigError(f"--{flag} must end in {' or '.join(suffixes)}; got {value}")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--{flag} {value}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"--{flag} {value} is a folder")
+    return path

@@ -115,11 +115,14 @@ def changed_keys(stored: dict, cfg: Config) -> list[str]:
     """'key then -> now' for each training key whose value differs from the checkpoint's config (a key the
     checkpoint does not record is not compared): a resume may change them, and its console says so."""
     current = to_dict(cfg)
+    compared = [*TRAINING_SECTIONS, "run"]
     return [
         f"{section}.{name} {then!r} -> {current[section][name]!r}"
-        for section in TRAINING_SECTIONS
+        for section in compared
         for name, then in stored.get(section, {}).items()
-        if name in current[section] and then != current[section][name]
+        if (section != "run" or name == "seed")  # the noise and data order after the resume depend on run.seed
+        and name in current[section]
+        and then != current[section][name]
     ]
 
 

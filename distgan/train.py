@@ -184,7 +184,8 @@ Trains a GAN; with no arguments, the DCGAN on scikit-learn's digits. Config keys
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """Command-line entry: fire parses the flags; bad config exits with code 2 and one line naming the problem."""
+    """Command-line entry: flags parsed as their types (config.call_with_flags); bad config exits with code 2 and one
+    line naming the problem."""
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(USAGE + describe())

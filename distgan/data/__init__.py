@@ -36,7 +36,7 @@ def build_source(cfg: Config, rank: int = 0, world_size: int = 1, pin_memory: bo
     if d.source == "shards":
         return ShardBatches(
             resolve(d.path, d.verify), cfg.train.batch_size, cfg.run.seed, rank, world_size, size, channels,
-            workers=workers, buffer=d.shuffle_buffer, pin_memory=pin_memory,
+            workers=workers, buffer=d.shuffle_buffer, pin_memory=pin_memory, accept_new_shards=d.accept_new_shards,
         )  # fmt: skip
     if d.source == "folder":
         images = FolderImages.from_config(cfg)

@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import itertools
 import json
+import os
 import random
 import re
 import sys
@@ -61,6 +63,13 @@ class ShardSet:
     origin: str
     channels: int | None = None  # from the manifest
     classes: list[str] | None = None  # from the manifest: class names by `cls` index; None when it has none
+
+    @property
+    def identity(self) -> str:
+        """Names the set's content: a hash of each shard's name, sample count and (from the manifest) sha256 or
+        size. A resume compares it with the checkpoint's, so shards prepared again are noticed."""
+        parts = [(Path(s.url).name, s.samples, s.sha256 or s.bytes) for s in self.shards]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
     @property
     def num_samples(self) -> int:
@@ -322,8 +331,20 @@ class _Reader:
                 self.warn(f"{shard.url}: {type(e).__name__}: {str(e)[:200]}")
             if count < shard.samples:
                 self.skipped += shard.samples - count
-                self.warn(f"{shard.url}: read {count} of its {shard.samples} samples (truncated or damaged tar)")
+                self.warn(f"{shard.url}: read {count} of its {shard.samples} samples ({_why_short(shard)})")
             self.last_pass += count
+
+
+def _why_short(shard: Shard) -> str:
+    """Why a shard gave fewer samples than its manifest says: it changed on disk since the run started (prepared
+    again under the run), or it is damaged."""
+    if shard.bytes is None or _is_url(shard.url):
+        return "truncated or damaged tar"
+    size = os.path.getsize(shard.url) if os.path.exists(shard.url) else None
+    if size == shard.bytes:
+        return "truncated or damaged tar"
+    now = "it is gone" if size is None else f"it has {size} bytes, the manifest {shard.bytes}"
+    return f"it changed on disk since the run started: {now}; were the shards prepared again under this run?"
 
 
 def _shuffle(samples: Iterator[dict], size: int, rand: random.Random) -> Iterator[dict]:
@@ -471,8 +492,10 @@ class ShardBatches:
         workers: int = 4,
         buffer: int = 5000,
         pin_memory: bool = False,
+        accept_new_shards: bool = False,
     ):
         shards, world = shard_set.shards, world_size
+        self.identity, self.origin, self.accept_new_shards = shard_set.identity, shard_set.origin, accept_new_shards
         self.rank_slice = rank_slice(batch_size, rank, world)  # this rank's rows of each global batch
         per_rank = self.rank_slice.stop - self.rank_slice.start
         if shard_set.image_size is not None and shard_set.image_size != image_size:
@@ -553,11 +576,21 @@ class ShardBatches:
         return Batch(images, labels)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index, "batches": self.batches, "layout": self.layout}
+        state = {"epoch": self.epoch, "index": self.index, "batches": self.batches, "layout": self.layout}
+        return {**state, "shards": self.identity}
 
     def load_state_dict(self, state: dict) -> None:
         epoch, index = int(state["epoch"]), int(state["index"])
-        if state["layout"] != self.layout and index > 0:
+        then = state.get("shards", self.identity)  # checkpoints written before it was recorded: not compared
+        if then != self.identity and not self.accept_new_shards:
+            raise DataError(
+                f"{self.origin}: these shards are not the ones the checkpoint's run read (shard set {then}, now "
+                f"{self.identity}): were they prepared again? set data.accept_new_shards=true to go on with them"
+            )
+        if then != self.identity:
+            self.notes.append(f"shard set {then} -> {self.identity} (data.accept_new_shards): a fresh epoch")
+            epoch, index = epoch + 1, 0
+        elif state["layout"] != self.layout and index > 0:
             self.notes.append(
                 f"the data layout changed since the checkpoint ({state['layout']} -> {self.layout}); the epoch "
                 f"plan depends on it, so reading goes on from the start of epoch {epoch + 1}"

@@ -25,12 +25,12 @@ from pathlib import Path
 from distgan.config import EVAL_METRICS, Config, ConfigError, check_metrics, eval_metrics, first_line, flag, run_command
 from distgan.dist import Runtime
 from distgan.eval.evaluator import NEAREST_SHOWN, Evaluator
-from distgan.files import atomic_write
+from distgan.files import atomic_write, output_file
 from distgan.state import load_models
 
 
 def parse_metrics(metrics: str | list | tuple | None, cfg: Config) -> list[str]:
-    """--metrics fid,kid (fire passes a tuple) or a list; None: the checkpoint's eval.metrics."""
+    """--metrics fid,kid or a list; None: the checkpoint's eval.metrics."""
     if metrics is None:
         return eval_metrics(cfg)
     names = metrics.split(",") if isinstance(metrics, str) else [str(m) for m in metrics]
@@ -54,6 +54,8 @@ def main(
 ) -> None:
     """Evaluate a checkpoint's generator (see the module docstring)."""
     ema = flag(ema, "ema")
+    outputs = {"out": (out, (".json",)), "nearest": (nearest, (".png",))}
+    outputs = {name: output_file(value, name, suffixes) for name, (value, suffixes) in outputs.items() if value}
     if not Path(checkpoint).is_file():
         raise ConfigError(f"checkpoint not found: {checkpoint}")
     try:
@@ -62,17 +64,17 @@ def main(
         raise
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {checkpoint}: {first_line(e)}") from None
+    for key, value in (("num_samples", num_samples), ("batch_size", batch_size), ("num_real", num_real)):
+        if value is not None:
+            if value < 2:
+                raise ConfigError(f"--{key} must be >= 2; got {value}")
+            setattr(cfg.eval, key, value)
     names = parse_metrics(metrics, cfg)
     if not names:
         raise ConfigError(f"no metrics to compute for data.source '{cfg.data.source}': pass --metrics=...")
     check_metrics(names, cfg, "--metrics")
     if nearest is not None and "pr" not in names:
         raise ConfigError("--nearest shows the samples nearest to training images, which --metrics pr finds: add pr")
-    for key, value in (("num_samples", num_samples), ("batch_size", batch_size), ("num_real", num_real)):
-        if value is not None:
-            if int(value) < 2:
-                raise ConfigError(f"--{key} must be >= 2; got {value}")
-            setattr(cfg.eval, key, int(value))
     if inception_weights is not None:
         cfg.eval.inception_weights = str(inception_weights)
     runtime = Runtime(cfg)  # the checkpoint's run.device and dist.timeout_s
@@ -90,16 +92,25 @@ def main(
         print(f"{checkpoint} ({which}, {cfg.eval.num_samples} samples):")
         for key, value in results.items():
             print(f"  {key:<28} {value if isinstance(value, str) else format(value, '.6g')}")
-        if out:
+        if "out" in outputs:
             record = {"checkpoint": str(checkpoint), "generator": which, "num_samples": cfg.eval.num_samples}
-            atomic_write(out, json.dumps({**record, "metrics": results}, indent=2) + "\n")
-        if nearest and evaluator.nearest_grid is not None:
+            write(outputs["out"], json.dumps({**record, "metrics": results}, indent=2) + "\n")
+        if "nearest" in outputs and evaluator.nearest_grid is not None:
             from distgan.grid import make_grid, save_png
 
             grid = make_grid(evaluator.nearest_grid, nrow=NEAREST_SHOWN, value_range=(-1, 1))
-            atomic_write(nearest, lambda f: save_png(grid, f))
+            write(outputs["nearest"], lambda f: save_png(grid, f))
             print(f"samples (top row) and their nearest training images (bottom row): {nearest}")
     runtime.close()
+
+
+def write(path: Path, content) -> None:
+    """atomic_write, a full or read-only disk said in one line (exit 1: the evaluation was done), no partial file."""
+    try:
+        atomic_write(path, content)
+    except OSError as e:
+        print(f"distgan: error: could not write {path}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from distgan import rng
-from distgan.config import Config, is_points
+from distgan.config import Config, check_class_samples, is_points
 from distgan.dist import Runtime
 from distgan.eval.reference import FEATURES_VERSION, ReferenceSet, reference_set
 from distgan.models import classes_in_turn, generate_in_batches
@@ -51,6 +51,8 @@ class Evaluator:
         self.z = rng.eval_noise(cfg.run.seed, cfg.eval.num_samples, cfg.model.nz)  # (N, nz)
         # A conditional G is asked for the classes in turn: sample i of class i % K, every class (nearly) equally.
         k = cfg.model.num_classes if cfg.model.conditional else 0
+        if k and self.metrics:  # the class count is known once the data is open (a folder's, a table's)
+            check_class_samples(cfg.eval.num_samples, k, f"eval.metrics {self.metrics}")
         self.labels = classes_in_turn(cfg.eval.num_samples, k) if k else None
         self._warned_classes = False  # the warning about classes left out of intra-FID, once a run
         self._extractor, self._extractor_id = extractor, extractor_id
