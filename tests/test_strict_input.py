@@ -187,3 +187,15 @@ def test_the_same_shards_prepared_again_identically_resume_as_before(tmp_path, c
     prepare_shards(0)  # the same images, seed and settings: the same bytes, the same set
     train_cli([*args, "--train.steps=6"])
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_shard_prepared_again_under_a_live_run_is_named_as_such_not_as_damaged(tmp_path, capsys, shard_run):
+    from distgan.data.shards import _Reader, resolve
+
+    shard_set = resolve(str(tmp_path / "shards"))
+    first = shard_set.shards[0]
+    with open(first.url, "r+b") as f:  # what a second prepare does to a shard the run is reading: other bytes
+        f.truncate(first.bytes // 2)
+    samples = list(_Reader(shard_set.shards, "worker 0").one_pass([0]))
+    assert len(samples) < first.samples
+    assert "it changed on disk since the run started: it has" in capsys.readouterr().err
