@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from distgan.config import Config
+from distgan import rng
+from distgan.config import Config, first_line
 from distgan.data.images import DEFAULT_BACKGROUND, decode_file, folder_classes, list_files, parse_background
 from distgan.data.indexed import NO_CLASS
 from distgan.data.labels import label, read_table
@@ -21,8 +22,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".ti
 
 
 class FolderImages:
-    """The image files under a folder (links to folders followed), in sorted order; get() replaces an unreadable
-    file by the next readable one.
+    """The image files under a folder (links to folders followed), in sorted order; get() replaces a draw of an
+    unreadable file by another file drawn at random (see replacement()), reporting each such file once.
 
     Classes as torchvision's ImageFolder and `prepare` give them: the top-level folders, when every file sits in
     one of two or more; or, with a label table (`labels`, distgan/data/labels.py), the values of its column.
@@ -39,6 +40,7 @@ class FolderImages:
         label_column: str = "",
         unlabelled: str = "refuse",
         unmatched: str = "refuse",
+        seed: int = 0,
     ):
         if not root:
             raise DataError("data.source 'folder' needs data.path (a folder of images)")
@@ -61,6 +63,10 @@ class FolderImages:
             index = {name: i for i, name in enumerate(self.classes or [])}
             self.labels = [index[r.split("/", 1)[0]] if self.classes else NO_CLASS for r in relative]
         self.files = [Path(root) / r for r in relative]
+        self.seed = seed
+        # Shared with the loader workers, so that each unreadable file is reported (and decoded) once.
+        self.unreadable = torch.zeros(len(self.files), dtype=torch.bool).share_memory_()
+        self.replaced = torch.zeros((), dtype=torch.int64).share_memory_()  # draws of unreadable files replaced
 
     @classmethod
     def from_config(cls, cfg: Config) -> FolderImages:
@@ -68,7 +74,7 @@ class FolderImages:
         d = cfg.data
         return cls(
             d.path, cfg.model.image_size, cfg.model.channels, d.background, d.labels, d.label_column, d.unlabelled,
-            d.unmatched,
+            d.unmatched, cfg.run.seed,
         )  # fmt: skip
 
     def __len__(self) -> int:
@@ -79,18 +85,42 @@ class FolderImages:
         array = decode_file(self.files[index], self.image_size, self.mode, self.background)  # (S, S, C)
         return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
+    def replacement(self, index: int, attempt: int) -> int:
+        """The file tried in place of a draw of `index` at its attempt-th retry: uniform over all files and a function
+        of (seed, index, attempt) alone, so every rank, loader worker and restart picks the same."""
+        return rng.derive_seed(self.seed, rng.DATA_ORDER, index, attempt) % len(self.files)
+
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         images, labels, skipped = [], [], 0
         for index in indices.tolist():
-            for attempt in range(len(self.files)):
-                i = (index + attempt) % len(self.files)
-                try:
-                    images.append(self.load(i))
-                    labels.append(self.labels[i])
-                    break
-                except Exception as e:  # any decode failure: report it and take the next file
-                    skipped += 1
-                    print(f"distgan: data: skipping unreadable {self.files[i]}: {e}", file=sys.stderr, flush=True)
-            else:
-                raise DataError(f"none of the {len(self.files)} files under the folder is a readable image")
+            i, attempt = index, 0
+            while (image := self._read(i)) is None:
+                if bool(self.unreadable.all()):
+                    raise DataError(f"none of the {len(self.files)} files under the folder is a readable image")
+                attempt += 1
+                i = self.replacement(index, attempt)
+            skipped += attempt > 0
+            images.append(image)
+            labels.append(self.labels[i])
+        if skipped:
+            before = int(self.replaced)
+            self.replaced += skipped
+            if len(str(before + skipped)) > len(str(before)):  # at 10, 100, 1000, ... replaced draws
+                print(f"distgan: data: {before + skipped} draws of {int(self.unreadable.sum())} unreadable files "
+                      "replaced so far", file=sys.stderr, flush=True)  # fmt: skip
         return torch.stack(images), torch.tensor(labels, dtype=torch.long), skipped
+
+    def _read(self, i: int) -> torch.Tensor | None:
+        """File i's image, or None when it cannot be decoded: reported the first time, never read again."""
+        if not self.unreadable[i]:
+            try:
+                return self.load(i)
+            except Exception as e:  # any decode failure
+                self.unreadable[i] = True
+                print(
+                    f"distgan: data: skipping unreadable {self.files[i]} ({first_line(e)}): its draws are replaced by "
+                    "files drawn at random (seeded); reported once, counted in data/skipped",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        return None

@@ -23,7 +23,8 @@ output is a pure function of the input files and the options: the same input giv
 worker count. The shards are written to a temporary sibling folder and moved into place at the end, so an
 interrupted or failed run never leaves half a data set in DIR (nor removes the old one). A full disk (or any
 other write failure) exits with code 1 and Ctrl-C with 130, each with one line on stderr; a bad option or input
-exits with 2 and writes nothing.
+exits with 2 and writes nothing. One run writes to an --out at a time: it holds a lock on the sibling DIR/../.NAME.lock
+(holding its host, process and start time, removed at the end); a second run is refused (exit 2) naming it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from __future__ import annotations
 import bisect
 import bz2
 import contextlib
+import errno
+import fcntl
 import fnmatch
 import gzip
 import io
@@ -40,11 +43,13 @@ import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 import tarfile
+import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 
 import torch
@@ -55,6 +60,7 @@ from distgan.config import ConfigError, first_line, run_command
 from distgan.data.images import DEFAULT_BACKGROUND, folder_classes, hidden, list_files, parse_background, square_resize
 from distgan.data.labels import UNLABELLED, UNMATCHED, label, read_table
 from distgan.files import sha256_of
+from distgan.rundir import NO_LOCKS, holder
 
 MANIFEST = "manifest.json"
 FORMAT_NAME, FORMAT_VERSION = "distgan-shards", 1
@@ -376,6 +382,46 @@ def _check_out(out: Path, srcs: list[Path], overwrite: bool) -> None:
             raise ConfigError(f"--out {out} is inside --src {src}; a later run would read the shards as images")
 
 
+def _lock_out(out_dir: Path) -> Callable[[], None]:
+    """Take --out's lock, as run.dir's (distgan/rundir.py) but on a sibling file, DIR/../.NAME.lock, that goes at the
+    end; returns the release. ConfigError naming the holder when another run has it; nothing is written then.
+
+    A POSIX lock (lockf), not flock: it belongs to this process alone, so the kernel drops it when the process
+    dies, even while the pool workers it forked live on with a copy of the file's descriptor."""
+    lock = out_dir.parent / f".{out_dir.name}.lock"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in NO_LOCKS:
+                    print(f"distgan: warning: the file system of --out {out_dir} has no file locks: a second run "
+                          "into it would not be noticed", file=sys.stderr)  # fmt: skip
+                    return lambda: lock.unlink(missing_ok=True)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise ConfigError(
+                        f"--out {out_dir} is in use by {holder(lock)}; wait for it to end, or use another --out"
+                    ) from None
+                raise
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.samestat(os.fstat(fd), os.stat(lock)):
+                    break
+            os.close(fd)  # its holder removed it between our open and our lock: lock the file now in its place
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode())
+    except OSError as e:
+        raise ConfigError(f"--out {out_dir}: could not lock {lock}: {e.strerror or e}") from None
+
+    def release() -> None:
+        lock.unlink(missing_ok=True)  # while held: a run that opened it before then finds it gone and retries
+        os.close(fd)
+
+    return release
+
+
 def prepare(
     src: str | list[str],
     out: str,
@@ -447,9 +493,12 @@ def prepare(
 
     staging = out_dir.parent / f".{out_dir.name}.partial"
     scratch = out_dir.parent / f".{out_dir.name}.sources"  # decompressed tars, deleted at the end
-    kept = f" and the data already in {out} is untouched" if out_dir.is_dir() and any(out_dir.iterdir()) else ""
+    release = _lock_out(out_dir)
     writers: dict[str, _SplitWriter] = {}
+    kept = ""
     try:
+        _check_out(out_dir, [s.path for s in sources.sources], overwrite)  # again: a run may have ended meanwhile
+        kept = f" and the data already in {out} is untouched" if out_dir.is_dir() and any(out_dir.iterdir()) else ""
         for folder in (staging, scratch):
             shutil.rmtree(folder, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -548,6 +597,8 @@ def prepare(
         if isinstance(e, KeyboardInterrupt):
             raise Interrupted(f"interrupted; nothing was published to {out}{kept}") from None
         raise
+    finally:
+        release()
     if progress:
         print_summary(manifest, out)
     return manifest
