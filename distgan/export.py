@@ -37,19 +37,22 @@ class NotAGenerator(ConfigError):
 def export(checkpoint: str | Path, out: str | Path, ema: bool = True) -> str:
     """Write the checkpoint's generator (G_ema unless ema is False or it has none) to out, atomically; its name."""
     cfg, G, _, which = load_models(checkpoint, ema)
+    check_finite(G.state_dict(), checkpoint, f" of {which}")
     return write_generator(out, cfg, G, which)
 
 
 def write_generator(out: str | Path, cfg: Config, G: torch.nn.Module, which: str) -> str:
     """Write G's tensors and what rebuilds it (FORMAT) to out, atomically (an OSError leaves no partial file)."""
+    tensors = {name: t.detach().contiguous() for name, t in G.state_dict().items()}
     metadata = {
         "format": FORMAT,
         "model": json.dumps(to_dict(cfg)["model"]),
         "data_source": cfg.data.source,
         "weights": which,
+        "dtype": _name(next(t.dtype for t in tensors.values() if t.is_floating_point())),
         "distgan_version": __version__,
     }
-    blob = save({name: t.detach().contiguous() for name, t in G.state_dict().items()}, metadata)
+    blob = save(tensors, metadata)
     atomic_write(Path(out), lambda f: f.write(blob))
     return which
 
@@ -62,20 +65,25 @@ def read_generator(path: str | Path):
             raise NotAGenerator(f"{path} is a checkpoint, not an exported generator (distgan.export writes one)")
     try:
         with safe_open(path, framework="pt") as f:
-            metadata, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+            metadata = f.metadata() or {}
+            cfg, expected = _described(path, metadata)
+            mismatch = _mismatch(expected, {k: f.get_slice(k).get_shape() for k in f.keys()})  # noqa: SIM118
+            if mismatch:  # refused before reading a byte of the tensors or building the network
+                raise NotAGenerator(f"{path}: its tensors do not match its metadata ({mismatch})")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except SafetensorError as e:
         raise NotAGenerator(f"{path} is not a safetensors file ({first_line(e)})") from None
-    if metadata.get("format") != FORMAT:
-        found = f"format {metadata['format']!r}" if "format" in metadata else "no distgan metadata"
-        raise NotAGenerator(f"{path} is not a distgan generator ({found}; expected format {FORMAT!r})")
-    try:
-        cfg = from_dict({"model": json.loads(metadata["model"]), "data": {"source": metadata["data_source"]}})
-        G, _ = build_models(cfg.model, points=is_points(cfg))
-    except Exception as e:
-        raise NotAGenerator(f"{path}: its metadata does not describe a distgan generator ({first_line(e)})") from None
-    mismatch = _mismatch(G.state_dict(), tensors)
-    if mismatch:
-        raise NotAGenerator(f"{path}: its tensors do not match its metadata ({mismatch})")
+    declared = metadata.get("dtype", "float32")  # files written before the key held float32
+    dtype = getattr(torch, declared, None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise NotAGenerator(f"{path}: its metadata declares dtype {declared!r}, not a floating-point type")
+    for k, t in tensors.items():
+        wanted = dtype if expected[k].is_floating_point() else expected[k].dtype
+        if t.dtype != wanted:  # load_state_dict would cast it silently (int8 weights: a grey image)
+            raise NotAGenerator(f"{path}: tensor {k} is {_name(t.dtype)}; expected {_name(wanted)} "
+                                f"(the file's dtype is {declared})")  # fmt: skip
+    check_finite(tensors, path)
+    G, _ = build_models(cfg.model, points=is_points(cfg))
     G.load_state_dict(tensors)
     return G.eval(), cfg, metadata.get("weights", "G")
 
@@ -86,19 +94,45 @@ def load_generator(path: str | Path, device: str | torch.device = "cpu") -> torc
     return read_generator(path)[0].to(device)
 
 
-def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
-    """What differs between the tensors a model needs and those a file holds ('' when they match)."""
+def check_finite(tensors: dict[str, torch.Tensor], source: str | Path, of: str = "") -> None:
+    """Refuse (NotAGenerator) weights with a NaN or an infinity: they draw black or grey images."""
+    for k, t in tensors.items():
+        if t.is_floating_point() and not t.isfinite().all():
+            raise NotAGenerator(f"{source}: tensor {k}{of} holds NaN or infinite values")
+
+
+def _described(path: str | Path, metadata: dict[str, str]) -> tuple[Config, dict[str, torch.Tensor]]:
+    """The config in a file's metadata, and the tensors its generator has, on the meta device (shapes and dtypes,
+    no memory: metadata may ask for a network far larger than the file)."""
+    if metadata.get("format") != FORMAT:
+        found = f"format {metadata['format']!r}" if "format" in metadata else "no distgan metadata"
+        raise NotAGenerator(f"{path} is not a distgan generator ({found}; expected format {FORMAT!r})")
+    try:
+        cfg = from_dict({"model": json.loads(metadata["model"]), "data": {"source": metadata["data_source"]}})
+        with torch.device("meta"):
+            return cfg, build_models(cfg.model, points=is_points(cfg))[0].state_dict()
+    except Exception as e:
+        raise NotAGenerator(f"{path}: its metadata does not describe a distgan generator ({first_line(e)})") from None
+
+
+def _mismatch(expected: dict[str, torch.Tensor], found: dict[str, list[int]]) -> str:
+    """What differs between the tensors a model needs and the shapes of those a file holds ('' when they match)."""
     parts = [f"missing {k}" for k in expected if k not in found]
     parts += [f"unexpected {k}" for k in found if k not in expected]
-    parts += [f"{k} is {list(t.shape)}, the model's {list(expected[k].shape)}"
-              for k, t in found.items() if k in expected and t.shape != expected[k].shape]  # fmt: skip
+    parts += [f"{k} is {list(shape)}, the model's {list(expected[k].shape)}"
+              for k, shape in found.items() if k in expected and list(shape) != list(expected[k].shape)]  # fmt: skip
     return "; ".join(parts[:4]) + ("; ..." if len(parts) > 4 else "")
+
+
+def _name(dtype: torch.dtype) -> str:
+    """float32 for torch.float32."""
+    return str(dtype).removeprefix("torch.")
 
 
 def main(checkpoint: str, out: str, ema: bool = True) -> None:
     """Write the checkpoint's generator to out (see the module docstring); arguments are checked first."""
     out_path, ema = Path(str(out)), flag(ema, "ema")
-    if out_path.suffix != ".safetensors":
+    if out_path.suffix.lower() != ".safetensors":
         raise ConfigError(f"--out must end in .safetensors; got {out}")
     if not out_path.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out_path.parent} does not exist")
@@ -108,6 +142,7 @@ def main(checkpoint: str, out: str, ema: bool = True) -> None:
         raise ConfigError(f"checkpoint not found: {checkpoint}")
     try:
         cfg, G, _, which = load_models(str(checkpoint), ema)
+        check_finite(G.state_dict(), checkpoint, f" of {which}")
     except ConfigError:
         raise
     except Exception as e:

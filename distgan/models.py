@@ -48,7 +48,10 @@ class Sampling:
         if classes is None:
             labels = classes_in_turn(n, self.num_classes)
         else:
-            labels = torch.as_tensor(classes, dtype=torch.long).flatten()
+            labels = torch.as_tensor(classes).flatten()
+            if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+                raise ValueError(f"classes must be whole numbers (class indices); got {classes!r}")
+            labels = labels.long()
             labels = labels.expand(n) if labels.numel() == 1 else labels
             if labels.numel() != n:
                 raise ValueError(f"{labels.numel()} classes for {n} samples: give one class, or one per sample")

@@ -12,6 +12,9 @@ scatter plot of the N points over the mixture's modes.
 Conditional models: --class picks the classes (one, a comma-separated list, or all: the default); each class
 gets N samples of the same N latent vectors (N walks with --interpolate, each within its class), a PNG row per
 class (per walk), and the npz an int64 array `classes` beside them.
+A PNG holds at most 4,096 samples (a 64 x 64 grid) and an npz 50,000 (FID's customary count), counting every
+class and interpolation step; more is refused before anything is drawn. From 4 batches on, a progress bar
+shows on stderr. The suffix may be in any case (.PNG, .Npz).
 """
 
 from __future__ import annotations
@@ -27,12 +30,14 @@ import torch
 
 from distgan.config import ConfigError, first_line, flag, is_points, run_command
 from distgan.dist import Runtime
-from distgan.export import read_generator
+from distgan.export import check_finite, read_generator
 from distgan.files import atomic_write
 from distgan.grid import make_grid, save_png
 from distgan.state import load_models
 
 FORMATS = (".png", ".npz")
+MOST_SAMPLES = {".png": 4096, ".npz": 50_000}  # a 64 x 64 grid; FID's 50,000 (uint8 64x64 RGB: 614 MB)
+PROGRESS_BATCHES = 4  # from this many batches on, a progress bar on stderr
 
 
 def load_generator(path: str | Path, device: str | torch.device = "auto", ema: bool = True, exported: bool = False):
@@ -42,6 +47,7 @@ def load_generator(path: str | Path, device: str | torch.device = "auto", ema: b
         G, cfg, which = read_generator(path)
     else:
         cfg, G, _, which = load_models(path, ema)
+        check_finite(G.state_dict(), path, f" of {which}")  # NaN weights draw black images
     device = Runtime.single(cfg.run.device).device if device == "auto" else device
     return G.to(device).eval(), cfg, which
 
@@ -95,7 +101,8 @@ def main(
     num, seed = _whole(num, "num", 1), _whole(seed, "seed", 0, 2**64 - 1)
     batch_size, interpolate = _whole(batch_size, "batch_size", 1), _whole(interpolate, "interpolate", 0)
     out_path, ema = Path(out), flag(ema, "ema")
-    if out_path.suffix not in FORMATS:
+    kind = out_path.suffix.lower()
+    if kind not in FORMATS:
         raise ConfigError(f"--out must end in {' or '.join(FORMATS)}; got {out}")
     if not out_path.parent.is_dir():  # not created: a typo in the folder should not make a new tree
         raise ConfigError(f"--out {out}: the folder {out_path.parent} does not exist")
@@ -107,6 +114,7 @@ def main(
         raise ConfigError(f"{name} not found: {source}")
     if interpolate == 1:
         raise ConfigError(f"--interpolate needs at least 2 steps (0: no interpolation); got {interpolate}")
+    check_count(kind, num, interpolate)
     try:
         G, cfg, which = load_generator(source, "auto", ema, generator is not None)
     except ConfigError:
@@ -114,6 +122,7 @@ def main(
     except Exception as e:
         raise ConfigError(f"cannot load {name} {source}: {first_line(e)}") from None
     points, asked = is_points(cfg), class_list(classes, G.num_classes)
+    check_count(kind, num, interpolate, len(asked))
     if interpolate and points:
         raise ConfigError("--interpolate draws image grids; this generator draws 2-D points")
     if interpolate:
@@ -127,21 +136,48 @@ def main(
     if asked:  # the same latent vectors for every class, a class after another
         labels = torch.tensor(asked).repeat_interleave(len(z))
         z = z.repeat(len(asked), 1)
-    samples = G.sample_from(z, labels, batch_size)
+    samples = draw(G, z, labels, batch_size, to_uint8_nhwc if kind == ".npz" and not points else None)
     arrays = {} if labels is None else {"classes": labels.numpy()}
-    if points and out_path.suffix == ".npz":
-        atomic_write(out_path, lambda f: np.savez(f, samples=samples.numpy().astype(np.float32), **arrays))
-    elif points:
-        from distgan.toy import scatter_image
+    try:
+        if points and kind == ".npz":
+            atomic_write(out_path, lambda f: np.savez(f, samples=samples.numpy().astype(np.float32), **arrays))
+        elif points:
+            from distgan.toy import scatter_image
 
-        plot = scatter_image(samples, cfg.data.source).float().div(255)
-        atomic_write(out_path, lambda f: save_png(plot, f))
-    elif out_path.suffix == ".npz":
-        atomic_write(out_path, lambda f: np.savez(f, images=to_uint8_nhwc(samples), **arrays))
-    else:
-        atomic_write(out_path, lambda f: save_png(make_grid(samples, nrow=per_row, value_range=(-1, 1)), f))
+            plot = scatter_image(samples, cfg.data.source).float().div(255)
+            atomic_write(out_path, lambda f: save_png(plot, f))
+        elif kind == ".npz":
+            atomic_write(out_path, lambda f: np.savez(f, images=samples, **arrays))
+        else:
+            atomic_write(out_path, lambda f: save_png(make_grid(samples, nrow=per_row, value_range=(-1, 1)), f))
+    except OSError as e:  # a full or read-only disk: not bad input (exit 1), and no partial file is left
+        print(f"distgan: error: could not write {out_path}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)
     of = f" of class{'es' if len(asked) > 1 else ''} {','.join(map(str, asked))}" if asked else ""
     print(f"wrote {len(samples)} samples{of} of {which} to {out_path}")
+
+
+def draw(G: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor | None, batch_size: int, convert=None):
+    """G's outputs for z (N, nz) (and classes (N,)), batch_size at a time, each batch through convert (e.g. to
+    uint8: the floats of all N need not be held at once); a progress bar on stderr from PROGRESS_BATCHES on."""
+    from tqdm import tqdm
+
+    starts = range(0, len(z), batch_size)
+    parts = []
+    for i in tqdm(starts, "sampling", unit="batch", disable=len(starts) < PROGRESS_BATCHES, file=sys.stderr):
+        out = G.sample_from(z[i : i + batch_size], None if labels is None else labels[i : i + batch_size], batch_size)
+        parts.append(out if convert is None else convert(out))
+    return torch.cat(parts) if convert is None else np.concatenate(parts)
+
+
+def check_count(kind: str, num: int, interpolate: int = 0, classes: int = 0) -> None:
+    """Refuse (ConfigError) more samples than a file of suffix kind may hold (MOST_SAMPLES)."""
+    count, most = num * max(interpolate, 1) * max(classes, 1), MOST_SAMPLES[kind]
+    if count > most:
+        factors = [f"--num {num}"] + [f"--interpolate {interpolate}"] * bool(interpolate)
+        factors += [f"{classes} classes"] * (classes > 1)
+        what = "a PNG" if kind == ".png" else "an npz"
+        raise ConfigError(f"{' x '.join(factors)}: {count} samples, more than {what} may hold ({most})")
 
 
 def class_list(value: Any, num_classes: int) -> list[int]:

@@ -212,7 +212,7 @@ class Tracker:
             return
         last_row = self._drop_rows_after(start_step)
         logged_before = last_row if run_id else 0  # a new W&B run (run_id None) has nothing logged yet
-        self._metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run)
+        self._open_metrics()
         on_terminal = cfg.log.progress and sys.stderr.isatty()
         self._bar = tqdm(
             total=self.total_steps,
@@ -261,6 +261,27 @@ class Tracker:
             atomic_write(path, "".join(kept))
         return max((int(s) for s in map(_step_of, lines) if s != float("inf")), default=0)
 
+    def _open_metrics(self) -> None:
+        self._metrics = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115 (open for the run)
+        stat = os.fstat(self._metrics.fileno())
+        self._metrics_id = stat.st_dev, stat.st_ino
+
+    def _reopen_metrics_if_gone(self, step: int) -> None:
+        """metrics.jsonl deleted or moved away while the run writes it (one stat a row): rows written to the open
+        file would be lost without a word, so a new file starts here, with a warning."""
+        with contextlib.suppress(FileNotFoundError):
+            stat = os.stat(self._metrics.name)
+            if (stat.st_dev, stat.st_ino) == self._metrics_id:
+                return
+        with contextlib.suppress(OSError):
+            self._metrics.close()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._open_metrics()
+        self.warn(
+            f"{self._metrics.name} was deleted or replaced while the run wrote it; a new one starts at step {step}"
+            " (its earlier rows went with the old file)"
+        )
+
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:
             with contextlib.suppress(OSError):  # a closed console must not stop rank 0 alone
@@ -272,6 +293,7 @@ class Tracker:
             return
         row = {"step": step, "time": round(self.elapsed(), 3), **metrics}
         try:
+            self._reopen_metrics_if_gone(step)
             self._metrics.write(strict_json(row) + "\n")
             self._metrics.flush()
         except OSError as e:  # a full disk: say of which file

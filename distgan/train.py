@@ -161,13 +161,14 @@ def main(config: str | None = None, print_config: bool = False, **overrides) -> 
         raise dist.explain_peer_lost(e, str(saved[-1]) if saved else None) from e
 
 
-def report_stop() -> None:
-    """Tell a launcher that the run stopped by a signal (exit 75), which torchrun would report as a failure (1):
-    the node's first process writes 75 into $DISTGAN_EXIT_FILE when the launcher made that file."""
+def report_exit(code: int) -> None:
+    """Tell a launcher why the run ended where torchrun reports any failed worker as 1: stopped by a signal (75) or
+    a config error (2). Each process writes its code into $DISTGAN_EXIT_FILE when the launcher made that file: not
+    only the first, whom torchrun may stop when another one exits before it wrote."""
     path = os.environ.get("DISTGAN_EXIT_FILE")
-    if path and os.environ.get("LOCAL_RANK", "0") == "0" and os.path.isfile(path):
+    if path and os.path.isfile(path):
         with open(path, "w") as f:
-            f.write(f"{Stopped.EXIT_CODE}\n")
+            f.write(f"{code}\n")
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)
@@ -192,8 +193,9 @@ def cli(argv: list[str] | None = None) -> None:
         return
     try:
         run_command(main, "distgan.train", argv)
-    except Stopped:
-        report_stop()
+    except SystemExit as e:  # stopped by a signal (Stopped) or a config error: torchrun would report either as 1
+        if e.code in (2, Stopped.EXIT_CODE):
+            report_exit(e.code)
         raise
     except dist.PeerLost as e:  # one line per rank, not each rank's traceback of the collective it waited in
         print(f"[rank {os.environ.get('RANK', '?')}] distgan: error: {e}", file=sys.stderr)

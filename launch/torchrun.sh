@@ -38,14 +38,38 @@ if [[ ${NNODES:-1} -gt 1 ]]; then
     nodes+=(--local_addr "$address")
   fi
 fi
-# torchrun reports any failed worker as exit 1, so a run stopped by a signal (its workers exit 75 after writing a
-# checkpoint) would look like a crash to a wrapper that re-runs on 75: the node's first worker writes 75 into
-# DISTGAN_EXIT_FILE, and this script exits with it. SIGTERM and SIGINT to this script go on to torchrun.
+# torchrun reports any failed worker as exit 1, so a wrapper could not tell a run stopped by a signal (its workers
+# exit 75 after writing a checkpoint; a wrapper re-runs on 75) or a config error (2) from a crash: the workers write
+# their code into DISTGAN_EXIT_FILE, and this script exits with it. SIGTERM and SIGINT to this script go on to
+# torchrun.
 DISTGAN_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/distgan-exit.XXXXXX")
 export DISTGAN_EXIT_FILE
 trap 'rm -f "$DISTGAN_EXIT_FILE"' EXIT
 trap 'kill -TERM "$torchrun_pid" 2>/dev/null || true' TERM INT
-torchrun "${nodes[@]}" --nproc_per_node "$NPROC" -m distgan.train "$@" &
+# torchrun, its own messages (its workers write to the terminal themselves) passed on until a worker writes its
+# code: then the workers have said why in a line (which setting is wrong; where the checkpoint is), and torchrun's
+# report of failed workers or of the signal (a traceback, a table) is left out. A crash keeps it.
+python -c '
+import os, sys
+
+def workers_said_why():
+    try:
+        with open(os.environ["DISTGAN_EXIT_FILE"]) as f:
+            return f.read().strip() in ("2", "75")
+    except OSError:
+        return False
+
+class Messages:
+    def write(self, text):
+        return len(text) if workers_said_why() else sys.__stderr__.write(text)
+
+    def __getattr__(self, name):
+        return getattr(sys.__stderr__, name)
+
+sys.stderr, sys.argv[0] = Messages(), "torchrun"
+from torch.distributed.run import main
+main()
+' "${nodes[@]}" --nproc_per_node "$NPROC" -m distgan.train "$@" &
 torchrun_pid=$!
 status=0
 while true; do
@@ -53,7 +77,8 @@ while true; do
   kill -0 "$torchrun_pid" 2>/dev/null || break # a trapped signal interrupted the wait: torchrun still runs
   status=0
 done
-if [[ $status -ne 0 && $(cat "$DISTGAN_EXIT_FILE") == 75 ]]; then
-  status=75
+code=$(cat "$DISTGAN_EXIT_FILE" 2>/dev/null || true)
+if [[ $status -ne 0 && ($code == 2 || $code == 75) ]]; then
+  status=$code
 fi
 exit "$status"

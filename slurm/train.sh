@@ -78,8 +78,8 @@ args=$(printf ' %q' "--config=$config" "$@")
 echo "distgan: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $nnodes node(s) x $nproc process(es)," \
     "head $head:$port, ${LAUNCHER:-torchrun}, $OMP_NUM_THREADS thread(s) per process"
 
-# A run stopped by a signal exits 75, which torchrun reports as 1: node 0's first process writes 75 into this
-# file (on the batch host, which is node 0), and the job exits with it.
+# A run stopped by a signal exits 75, and a config error 2, which torchrun reports as 1: node 0's processes write
+# their code into this file (on the batch host, which is node 0), and the job exits with it.
 DISTGAN_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/distgan-exit.XXXXXX")
 export DISTGAN_EXIT_FILE
 trap 'rm -f "$DISTGAN_EXIT_FILE"' EXIT
@@ -92,7 +92,8 @@ while true; do
     kill -0 "$srun_pid" 2>/dev/null || break # a trapped signal interrupted the wait: the tasks still run
     status=0
 done
-if [[ $status -ne 0 && $(cat "$DISTGAN_EXIT_FILE") == 75 ]]; then
-    status=75
+code=$(cat "$DISTGAN_EXIT_FILE" 2>/dev/null || true)
+if [[ $status -ne 0 && ($code == 2 || $code == 75) ]]; then
+    status=$code
 fi
 exit "$status"

@@ -251,7 +251,83 @@ def clis(work: Path) -> None:
         record(f"{module} {' '.join(a.replace(str(work), '…') for a in args)}", result.returncode, result.stderr, left)
 
 
-PROBES = [two_writers, unreadable, floats, disks, signals, data, clis]
+def bomb_lines() -> str:
+    """The 9-line YAML alias bomb: 9^9 values once its aliases are expanded."""
+    lines = ['a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"{b}: &{b} [{', '.join(['*' + a] * 9)}]" for a, b in zip("abcdefgh", "bcdefghi")]
+    return "\n".join(lines) + "\n"
+
+
+def flags(work: Path) -> None:
+    """Flags parsed as their types, strict config files, int ranges (the second round of docs/faults.md)."""
+    from distgan.bench import write_photos
+
+    write_photos(work / "images", 8, 40, 40)
+    (work / "out").mkdir()
+    (work / "out" / "precious.txt").write_text("kept")
+    result = python("distgan.data.prepare", "images", "out", "--size=8", "--overwrite=false", cwd=work)
+    record("prepare into a non-empty --out, --overwrite=false", result.returncode, result.stderr, files(work / "out"))
+    result = train(work / "pc", "--train.steps=2", "--print_config=false")
+    record("train --print_config=false", result.returncode, result.stdout, files(work / "pc"))
+    result = train(work / "bare", "--run.dir")
+    record("train --run.dir (no value)", result.returncode, result.stderr, files(work / "bare"))
+    configs = {
+        "a section written twice": "train:\n  steps: 5\nmodel:\n  ngf: 8\ntrain:\n  batch_size: 16\n",
+        "a key written twice": "train:\n  steps: 5\n  steps: 6\n",
+        "a dotted key (train.steps: 5)": "train.steps: 5\n",
+        "a 9-line YAML alias bomb": bomb_lines(),
+    }
+    for label, text in configs.items():
+        (work / "c.yaml").write_text(text)
+        result = train(work / "cfg", "--config=c.yaml", "--print_config")
+        record(f"--config: {label}", result.returncode, result.stderr, files(work / "cfg"))
+    (work / "u16.yaml").write_bytes("train:\n  steps: 5\n".encode("utf-16"))
+    run_dir = work / "ckpt"
+    train(run_dir, "--train.steps=2")
+    newest = str(checkpoint.list_checkpoints(run_dir)[-1])
+    for label, path in (("a UTF-16 file", "u16.yaml"), ("a checkpoint", newest), ("a folder", str(work))):
+        result = train(work / "cfg", f"--config={path}")
+        record(f"--config: {label}", result.returncode, result.stderr, files(work / "cfg"))
+    for value in ("-1", "99999999999999999999999"):
+        result = train(work / "seed", f"--run.seed={value}")
+        record(f"--run.seed={value}", result.returncode, result.stderr, files(work / "seed"))
+    result = train(work / "cond", "--model.conditional=true", "--eval.num_samples=2", "--eval.every=2")
+    record("a conditional run, eval.num_samples=2", result.returncode, result.stderr, files(work / "cond"))
+    for args in (["--num_samples=abc"], ["--num_samples=100.7"], ["--out", "missing/e.json"]):
+        result = python("distgan.eval", "--checkpoint", newest, "--metrics=digits", *args, cwd=work)
+        record(f"distgan.eval {' '.join(args)}", result.returncode, result.stderr, "nothing new" * (
+            not (work / "missing").exists()))  # fmt: skip
+
+
+def resumes(work: Path) -> None:
+    """What a resume notices: another run.seed, shards prepared again."""
+    from distgan.bench import write_photos
+
+    run_dir = work / "run"
+    train(run_dir, "--train.steps=2")
+    result = train(run_dir, "--train.steps=4", "--run.seed=1")
+    lines = [line for line in result.stdout.splitlines() if "changed since" in line] or [result.stdout]
+    record("resume with another --run.seed", result.returncode, lines[-1], files(run_dir / "checkpoints"))
+    write_photos(work / "images", 48, 40, 40)
+
+    def prepare(seed: int) -> None:
+        python("distgan.data.prepare", "images", "shards", "--size=32", "--shard_size=16", f"--seed={seed}",
+               "--overwrite=true", cwd=work)  # fmt: skip
+
+    prepare(0)
+    args = ["--data.source=shards", "--data.path=shards", "--model.channels=3", "--data.workers=0"]
+    run_dir = work / "shard_run"
+    train(run_dir, *args, "--train.steps=2")
+    prepare(1)
+    result = train(run_dir, *args, "--train.steps=4")
+    record("resume on shards prepared again (another order)", result.returncode, result.stderr,
+           files(run_dir / "checkpoints"))  # fmt: skip
+    result = train(run_dir, *args, "--train.steps=4", "--data.accept_new_shards=true")
+    lines = [line for line in result.stdout.splitlines() if "shard set" in line] or [result.stdout]
+    record("... with --data.accept_new_shards=true", result.returncode, lines[-1], files(run_dir / "checkpoints"))
+
+
+PROBES = [two_writers, unreadable, floats, disks, signals, data, clis, flags, resumes]
 
 if __name__ == "__main__":
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""

@@ -409,3 +409,30 @@ def test_sample_grids_are_torchvisions_make_grid_and_save_image_to_the_byte():
         save_image(make_grid(images, nrow=per_row, normalize=True, value_range=(-1, 1)), theirs, format="png")
         save_png(grid(images, nrow=per_row), ours)
         assert ours.getvalue() == theirs.getvalue(), shape
+
+
+def test_a_metrics_file_deleted_or_moved_mid_run_is_written_anew_with_a_warning(tmp_path, capsys):
+    from distgan.tracking import Tracker
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    tracker = Tracker(tiny_config(run_dir, **{"log.progress": False}), is_main=True)
+    path = run_dir / "metrics.jsonl"
+    tracker.log(1, {"loss/D": 1.0})
+    path.unlink()  # rm while the run writes it: the rows would go on into the deleted file
+    tracker.log(2, {"loss/D": 2.0})
+    tracker.log(3, {"loss/D": 3.0})
+    path.rename(run_dir / "moved.jsonl")  # mv away
+    tracker.log(4, {"loss/D": 4.0})
+    tracker.close()
+
+    def steps(name: str) -> list[int]:
+        return [json.loads(line)["step"] for line in (run_dir / name).read_text().splitlines()]
+
+    assert steps("moved.jsonl") == [2, 3] and steps("metrics.jsonl") == [4]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "distgan: warning" in line]
+    assert warnings == [
+        f"distgan: warning: {path} was deleted or replaced while the run wrote it; a new one starts at step {step}"
+        " (its earlier rows went with the old file)"
+        for step in (2, 4)
+    ]
