@@ -23,7 +23,7 @@ from safetensors.torch import save
 
 from distgan import __version__
 from distgan.config import Config, ConfigError, first_line, flag, from_dict, is_points, run_command, to_dict
-from distgan.files import atomic_write
+from distgan.files import atomic_write, output_file, write_or_exit
 from distgan.models import build_models
 from distgan.state import load_models
 
@@ -131,13 +131,7 @@ def _name(dtype: torch.dtype) -> str:
 
 def main(checkpoint: str, out: str, ema: bool = True) -> None:
     """Write the checkpoint's generator to out (see the module docstring); arguments are checked first."""
-    out_path, ema = Path(str(out)), flag(ema, "ema")
-    if out_path.suffix.lower() != ".safetensors":
-        raise ConfigError(f"--out must end in .safetensors; got {out}")
-    if not out_path.parent.is_dir():
-        raise ConfigError(f"--out {out}: the folder {out_path.parent} does not exist")
-    if out_path.is_dir():
-        raise ConfigError(f"--out {out} is a folder")
+    out_path, ema = output_file(str(out), "out", (".safetensors",)), flag(ema, "ema")
     if not Path(str(checkpoint)).is_file():
         raise ConfigError(f"checkpoint not found: {checkpoint}")
     try:
@@ -147,11 +141,8 @@ def main(checkpoint: str, out: str, ema: bool = True) -> None:
         raise
     except Exception as e:
         raise ConfigError(f"cannot load checkpoint {checkpoint}: {first_line(e)}") from None
-    try:
+    with write_or_exit(out_path):
         write_generator(out_path, cfg, G, which)
-    except OSError as e:  # a full or read-only disk: not bad input (exit 1), and no partial file is left
-        print(f"distgan: error: could not write {out_path}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(1)
     print(f"wrote {which} of {checkpoint} to {out_path}")
 
 

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -72,3 +73,14 @@ def output_file(value: str, flag: str, suffixes: tuple[str, ...]) -> Path:
     if path.is_dir():
         raise ConfigError(f"--{flag} {value} is a folder")
     return path
+
+
+@contextlib.contextmanager
+def write_or_exit(path: str | Path):
+    """Around a command's final atomic_write, after its work is done: a full or read-only disk is not bad input, so
+    one line naming path and exit 1 (no partial file is left; an older file at path stays as it was)."""
+    try:
+        yield
+    except OSError as e:
+        print(f"distgan: error: could not write {path}: {e.strerror or e}", file=sys.stderr)
+        sys.exit(1)

@@ -31,7 +31,7 @@ import torch
 from distgan.config import ConfigError, first_line, flag, is_points, run_command
 from distgan.dist import Runtime
 from distgan.export import check_finite, read_generator
-from distgan.files import atomic_write
+from distgan.files import atomic_write, output_file, write_or_exit
 from distgan.grid import make_grid, save_png
 from distgan.state import load_models
 
@@ -100,14 +100,8 @@ def main(
     source, out = _file_name(checkpoint if generator is None else generator, name), _file_name(out, "out")
     num, seed = _whole(num, "num", 1), _whole(seed, "seed", 0, 2**64 - 1)
     batch_size, interpolate = _whole(batch_size, "batch_size", 1), _whole(interpolate, "interpolate", 0)
-    out_path, ema = Path(out), flag(ema, "ema")
+    out_path, ema = output_file(out, "out", FORMATS), flag(ema, "ema")
     kind = out_path.suffix.lower()
-    if kind not in FORMATS:
-        raise ConfigError(f"--out must end in {' or '.join(FORMATS)}; got {out}")
-    if not out_path.parent.is_dir():  # not created: a typo in the folder should not make a new tree
-        raise ConfigError(f"--out {out}: the folder {out_path.parent} does not exist")
-    if out_path.is_dir():
-        raise ConfigError(f"--out {out} is a folder")
     if generator is not None and not ema:
         raise ConfigError("--ema false picks G in a checkpoint; an exported file holds one generator")
     if not Path(source).is_file():
@@ -138,7 +132,7 @@ def main(
         z = z.repeat(len(asked), 1)
     samples = draw(G, z, labels, batch_size, to_uint8_nhwc if kind == ".npz" and not points else None)
     arrays = {} if labels is None else {"classes": labels.numpy()}
-    try:
+    with write_or_exit(out_path):
         if points and kind == ".npz":
             atomic_write(out_path, lambda f: np.savez(f, samples=samples.numpy().astype(np.float32), **arrays))
         elif points:
@@ -150,9 +144,6 @@ def main(
             atomic_write(out_path, lambda f: np.savez(f, images=samples, **arrays))
         else:
             atomic_write(out_path, lambda f: save_png(make_grid(samples, nrow=per_row, value_range=(-1, 1)), f))
-    except OSError as e:  # a full or read-only disk: not bad input (exit 1), and no partial file is left
-        print(f"distgan: error: could not write {out_path}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(1)
     of = f" of class{'es' if len(asked) > 1 else ''} {','.join(map(str, asked))}" if asked else ""
     print(f"wrote {len(samples)} samples{of} of {which} to {out_path}")
 

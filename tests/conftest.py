@@ -81,6 +81,18 @@ def run_cli(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
+def cli_in_process(command, argv: list[str], capsys) -> tuple[int, str, str]:
+    """A command line run in this process (the module's cli(argv), what `python -m` calls, without the seconds of
+    a new interpreter importing torch): its exit code, stdout and stderr."""
+    try:
+        command(list(argv))
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
 def write_index_pngs(folder: Path, num: int, size: int = 16) -> Path:
     """num solid-colour PNGs whose colour encodes their index (red = i % 256, green = i // 256)."""
     from PIL import Image

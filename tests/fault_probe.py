@@ -327,7 +327,96 @@ def resumes(work: Path) -> None:
     record("... with --data.accept_new_shards=true", result.returncode, lines[-1], files(run_dir / "checkpoints"))
 
 
-PROBES = [two_writers, unreadable, floats, disks, signals, data, clis, flags, resumes]
+def generators(work: Path) -> None:
+    """Exported generator files edited by hand, and what sample may be asked for."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run_dir = work / "run"
+    train(run_dir, "--train.steps=2")
+    newest = str(checkpoint.list_checkpoints(run_dir)[-1])
+    python("distgan.export", "--checkpoint", newest, "--out", "G.safetensors", cwd=work)
+    with safe_open(work / "G.safetensors", framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    wide = {**json.loads(metadata["model"]), "ngf": 300_000}
+    edits = {
+        "int8": ({k: v.to(torch.int8) if v.is_floating_point() else v for k, v in tensors.items()}, metadata),
+        "fp16": ({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, metadata),
+        "fp64": ({k: v.double() if v.is_floating_point() else v for k, v in tensors.items()}, metadata),
+        "a NaN weight": ({k: v * float("nan") if k.endswith("weight") else v for k, v in tensors.items()}, metadata),
+        "metadata model.ngf 300000": (tensors, {**metadata, "model": json.dumps(wide)}),
+    }
+    for label, (edited, meta) in edits.items():
+        save_file(edited, work / "edited.safetensors", metadata=meta)
+        result = python("distgan.sample", "--generator", "edited.safetensors", "--out", "s.png", cwd=work)
+        record(f"sample --generator, a file with {label}", result.returncode, result.stderr,
+               "s.png" if (work / "s.png").exists() else "nothing")  # fmt: skip
+    for args in (["--num", "1000000", "--out", "s.npz"], ["--num", "8", "--out", "s.PNG"]):
+        result = python("distgan.sample", "--generator", "G.safetensors", *args, cwd=work)
+        record(f"sample {' '.join(args)}", result.returncode, result.stderr or result.stdout,
+               ", ".join(p.name for p in sorted(work.glob("s.*"))) or "nothing")  # fmt: skip
+    full = subprocess.run([sys.executable, "-m", "distgan.sample", "--generator", "G.safetensors", "--num", "64",
+                           "--out", "big.npz"], cwd=work, env=ENV, capture_output=True, text=True,
+                          preexec_fn=file_size_limit(4096))  # fmt: skip
+    record("sample --out on a full disk (a 4 KiB file size limit)", full.returncode, full.stderr,
+           "big.npz" if (work / "big.npz").exists() else "nothing")  # fmt: skip
+
+
+def file_size_limit(size: int):
+    """A preexec_fn: files of the child above size bytes fail with EFBIG, as on a full disk (SIGXFSZ ignored)."""
+    import resource
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+    return limit
+
+
+def runs(work: Path) -> None:
+    """Two prepares into one --out, a metrics.jsonl deleted mid-run, a config error under torchrun, a folder with
+    unreadable files."""
+    from distgan.bench import write_photos
+
+    write_photos(work / "images", 600, 64, 64)
+    first = background([sys.executable, "-m", "distgan.data.prepare", "images", "out", "--size=32"], work)
+    wait_until(lambda: any(work.glob(".out*")), first)
+    os.killpg(first.pid, signal.SIGSTOP)  # the first holds --out
+    second = python("distgan.data.prepare", "images", "out", "--size=32", cwd=work)
+    record("a second prepare into a live --out", second.returncode, second.stderr, "the first's files only")
+    os.killpg(first.pid, signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    record("... the first then continued", first.returncode, err, files(work / "out"))
+    run_dir = work / "mrun"
+    proc = background([sys.executable, "-m", "distgan.train", *TINY, f"--run.dir={run_dir}", "--train.steps=400",
+                       "--log.every=20"], work)  # fmt: skip
+    wait_until(lambda: (run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").stat().st_size, proc)
+    (run_dir / "metrics.jsonl").unlink()
+    _, err = proc.communicate(timeout=300)
+    rows = len((run_dir / "metrics.jsonl").read_text().splitlines()) if (run_dir / "metrics.jsonl").exists() else 0
+    warned = "\n".join(line for line in err.splitlines() if "warning" in line)
+    record(
+        "metrics.jsonl deleted while the run writes it", proc.returncode, warned, f"a new metrics.jsonl, {rows} rows"
+    )
+    result = subprocess.run([str(ROOT / "launch" / "torchrun.sh"), "--run.device=cpu", "--train.steps=abc",
+                             f"--run.dir={work / 'trun'}"], cwd=work, env={**ENV, "NPROC": "2"}, capture_output=True,
+                            text=True)  # fmt: skip
+    record("a config error under NPROC=2 launch/torchrun.sh", result.returncode, result.stderr, files(work / "trun"))
+    folder = work / "folder"
+    for i in range(40):
+        (folder / f"{i:02d}.png").parent.mkdir(exist_ok=True)
+        (folder / f"{i:02d}.png").write_bytes(b"not a png" if i in (3, 17, 29) else (work / "images" / "photos" /
+                                              f"{i:06d}.jpg").read_bytes())  # fmt: skip
+    result = train(work / "frun", "--data.source=folder", "--data.path=folder", "--model.channels=3",
+                   "--data.workers=0", "--train.steps=20")  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if "unreadable" in line]
+    record(f"data.source folder, 3 unreadable files of 40, 20 steps ({len(lines)} lines about them)",
+           result.returncode, lines[-1] if lines else result.stderr, files(work / "frun"))  # fmt: skip
+
+
+PROBES = [two_writers, unreadable, floats, disks, signals, data, clis, flags, resumes, generators, runs]
 
 if __name__ == "__main__":
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else ""

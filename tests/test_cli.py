@@ -2,10 +2,11 @@
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_config
+from conftest import cli_in_process, run_cli, tiny_config
 from PIL import Image
 
 from distgan import sample
+from distgan.train import cli as train_cli
 from distgan.train import train
 
 TINY = ["--model.ngf=8", "--model.ndf=8", "--train.batch_size=8", "--log.progress=False"]
@@ -21,12 +22,13 @@ TINY = ["--model.ngf=8", "--model.ndf=8", "--train.batch_size=8", "--log.progres
      (["--optim.lr_g=nan"], "config key 'optim.lr_g' must be a finite number; got nan"),
      (["--optim.beta1=1.5"], "config key 'optim.beta1' must be < 1.0; got 1.5")],
 )  # fmt: skip
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys, args, message):
     (tmp_path / "taken").write_text("precious")
     before = sorted(tmp_path.iterdir())
-    result = run_cli("distgan.train", "--train.steps=1", *TINY, *args, cwd=tmp_path)  # args last: they win
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_in_process(train_cli, ["--train.steps=1", *TINY, *args], capsys)  # args last: they win
+    assert code == 2
+    lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("distgan: error: ") and message in lines[0]
     assert sorted(tmp_path.iterdir()) == before
     assert (tmp_path / "taken").read_text() == "precious"

@@ -2,6 +2,7 @@
 ranks, the fake classes as a function of the step, resume, the conditional metrics and config checks."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -325,9 +326,12 @@ def test_a_conditional_run_is_scored_within_each_class_against_that_class_of_the
         per_class = [scores[f"eval/{metric}_class{k}"] for k in range(10)]
         assert scores[f"eval/{metric}_class_mean"] == pytest.approx(sum(per_class) / 10)
     assert all(scores[f"eval/fid_class{k}"] > 0 for k in range(10)) and scores["eval/fid"] > 0
-    cfg.eval.num_samples = 15  # classes 5-9 get one sample each: left out, with a warning that says why
-    with pytest.warns(UserWarning, match=r"leave out classes \[5, 6, 7, 8, 9\]: fewer than 2"):
+    cfg.eval.num_samples = 15  # classes 5-9 would get one sample each: refused before any work
+    with pytest.raises(ConfigError, match=r"2 per class \(20 for 10 classes\); got 15"):
+        Evaluator(cfg, ["fid"], None, TinyFeatures(), "tiny-v1")
+    cfg.eval.num_samples, cfg.eval.num_real = 20, 12  # 12 real images cannot give 10 classes 2 each
+    with pytest.warns(UserWarning, match=r"leave out classes \[[0-9, ]+\]: fewer than 2") as caught:
         few = Evaluator(cfg, ["fid"], None, TinyFeatures(), "tiny-v1")(G)
-    assert {k for k in few if k.startswith("eval/fid_class")} == {f"eval/fid_class{k}" for k in [0, 1, 2, 3, 4]} | {
-        "eval/fid_class_mean"
-    }
+    left_out = json.loads(re.search(r"classes (\[[0-9, ]+\])", str(caught[0].message)).group(1))
+    scored = {k for k in few if k.startswith("eval/fid_class") and k != "eval/fid_class_mean"}
+    assert scored == {f"eval/fid_class{k}" for k in range(10) if k not in left_out} and scored

@@ -1,5 +1,6 @@
 """Exit codes through the launchers: a config error is exit 2 and one line per rank under launch/torchrun.sh and
-slurm/train.sh too, where torchrun alone would report exit 1 with its own traceback and table."""
+slurm/train.sh too (tests/test_slurm.py), where torchrun alone would report exit 1 with its own traceback and
+table."""
 
 import os
 import subprocess
@@ -56,24 +57,3 @@ def test_torchrun_sh_keeps_torchruns_report_of_a_crash_only(tmp_path, worker, co
         assert "ChildFailedError" in done.stderr and "exitcode  : 1" in done.stderr  # and torchrun's report
     else:  # the workers said why: torchrun's report is left out
         assert "Traceback" not in done.stderr and done.stderr.splitlines()[-1].endswith("stopped by a signal")
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    from slurm_cluster import SlurmCluster, slurm_available
-
-    reason = slurm_available()
-    if reason:
-        pytest.skip(reason)
-    with SlurmCluster(tmp_path_factory.mktemp("slurm"), cpus=2) as running:
-        yield running
-
-
-def test_a_config_error_under_slurm_train_sh_ends_the_job_with_exit_2(cluster, tmp_path):
-    cluster.env.update(NPROC_PER_NODE="2", PYTHON=sys.executable, WANDB_MODE="disabled", HOME=str(tmp_path))
-    args = [str(ROOT / "slurm" / "train.sh"), str(ROOT / "configs" / "digits32.yaml"), "--train.steps=abc"]
-    job = cluster.sbatch(["--cpus-per-task=2", *args, f"--run.dir={tmp_path / 'run'}"], tmp_path)
-    state = cluster.wait(job, timeout=240)
-    log = (tmp_path / f"distgan-{job}.out").read_text()
-    assert (state, cluster.job(job)["ExitCode"]) == ("FAILED", "2:0"), log[-3000:] + cluster.log_tails()
-    assert "distgan: error: --train.steps" in log and not (tmp_path / "run").exists()

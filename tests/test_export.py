@@ -5,12 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli, tiny_config
+from conftest import cli_in_process, run_cli, tiny_config
 from safetensors.torch import load_file, save_file
 
 import distgan
 from distgan import checkpoint, sample
 from distgan.export import NotAGenerator, export, read_generator
+from distgan.export import cli as export_cli
 from distgan.sample import to_uint8_nhwc
 from distgan.train import train
 
@@ -94,7 +95,9 @@ def _rewrite(src, dst, tensors=None, **metadata_changes):
     return dst
 
 
-def test_files_that_are_not_distgan_generators_are_refused_in_one_line(digits_checkpoint, tmp_path):
+def test_files_that_are_not_distgan_generators_are_refused_in_one_line(
+    digits_checkpoint, tmp_path, monkeypatch, capsys
+):
     good = tmp_path / "G.safetensors"
     export(digits_checkpoint, good)
     (tmp_path / "noise.safetensors").write_bytes(b"\x07" * 64)
@@ -121,9 +124,11 @@ def test_files_that_are_not_distgan_generators_are_refused_in_one_line(digits_ch
         with pytest.raises(NotAGenerator) as refused:
             distgan.load_generator(tmp_path / name)
         assert message in str(refused.value) and "\n" not in str(refused.value), (name, str(refused.value))
-        result = run_cli("distgan.sample", "--generator", name, "--out", f"{name}.png", cwd=tmp_path)
-        lines = result.stderr.strip().splitlines()
-        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], (name, result.stderr[-2000:])
+        monkeypatch.chdir(tmp_path)
+        with pytest.raises(SystemExit) as stopped:  # python -m distgan.sample, in-process
+            sample.cli(["--generator", name, "--out", f"{name}.png"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stopped.value.code == 2 and len(lines) == 1 and message in lines[0], (name, lines)
         assert not (tmp_path / f"{name}.png").exists()
 
 
@@ -141,22 +146,26 @@ def _metadata(path) -> dict:
      (["--checkpoint", "nope.pt", "--out", "G.safetensors"], "checkpoint not found: nope.pt"),
      (["--ema", "perhaps", "--out", "G.safetensors"], "--ema takes true or false")],
 )  # fmt: skip
-def test_export_checks_its_arguments_and_writes_nothing_on_bad_input(digits_checkpoint, tmp_path, args, message):
-    result = run_cli("distgan.export", "--checkpoint", str(digits_checkpoint), *args, cwd=tmp_path)
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+def test_export_checks_its_arguments_and_writes_nothing_on_bad_input(
+    digits_checkpoint, tmp_path, monkeypatch, capsys, args, message
+):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli_in_process(export_cli, ["--checkpoint", str(digits_checkpoint), *args], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sample_takes_a_checkpoint_or_a_generator_file_not_both(digits_checkpoint, tmp_path):
+def test_sample_takes_a_checkpoint_or_a_generator_file_not_both(digits_checkpoint, tmp_path, monkeypatch, capsys):
     export(digits_checkpoint, tmp_path / "G.safetensors")
+    monkeypatch.chdir(tmp_path)
     for args, message in [
         (["--checkpoint", str(digits_checkpoint), "--generator", "G.safetensors"], "not both"),
         (["--generator", "G.safetensors", "--ema", "false"], "an exported file holds one generator"),
         (["--generator", "other.safetensors"], "generator not found: other.safetensors"),
     ]:
-        result = run_cli("distgan.sample", *args, "--out", "s.png", cwd=tmp_path)
-        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        code, _, err = cli_in_process(sample.cli, [*args, "--out", "s.png"], capsys)
+        assert code == 2 and message in err, err[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["G.safetensors"]
 
 

@@ -95,3 +95,16 @@ def test_sweep_submits_one_job_per_value_each_with_its_run_directory(cluster, tm
         assert steps(run_dir) == [10]
         written = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert written["optim"]["lr_g"] == float(value) and written["log"]["group"] == "lr"
+
+
+def test_a_config_error_under_slurm_train_sh_ends_the_job_with_exit_2(cluster, tmp_path):
+    for key in ("IFNAME", "MASTER_ADDR"):
+        cluster.env.pop(key, None)
+    cluster.env.update(NPROC_PER_NODE="2", PYTHON=sys.executable, WANDB_MODE="disabled", HOME=str(tmp_path))
+    cluster.env.update(LAUNCHER="torchrun")
+    args = [str(ROOT / "slurm" / "train.sh"), str(ROOT / "configs" / "digits32.yaml"), "--train.steps=abc"]
+    job = cluster.sbatch(["--cpus-per-task=2", *args, f"--run.dir={tmp_path / 'run'}"], tmp_path)
+    state = cluster.wait(job, timeout=240)
+    log = (tmp_path / f"distgan-{job}.out").read_text()
+    assert (state, cluster.job(job)["ExitCode"]) == ("FAILED", "2:0"), log[-3000:] + cluster.log_tails()
+    assert "distgan: error: --train.steps" in log and not (tmp_path / "run").exists()

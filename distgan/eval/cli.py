@@ -25,7 +25,7 @@ from pathlib import Path
 from distgan.config import EVAL_METRICS, Config, ConfigError, check_metrics, eval_metrics, first_line, flag, run_command
 from distgan.dist import Runtime
 from distgan.eval.evaluator import NEAREST_SHOWN, Evaluator
-from distgan.files import atomic_write, output_file
+from distgan.files import atomic_write, output_file, write_or_exit
 from distgan.state import load_models
 
 
@@ -94,23 +94,16 @@ def main(
             print(f"  {key:<28} {value if isinstance(value, str) else format(value, '.6g')}")
         if "out" in outputs:
             record = {"checkpoint": str(checkpoint), "generator": which, "num_samples": cfg.eval.num_samples}
-            write(outputs["out"], json.dumps({**record, "metrics": results}, indent=2) + "\n")
+            with write_or_exit(outputs["out"]):
+                atomic_write(outputs["out"], json.dumps({**record, "metrics": results}, indent=2) + "\n")
         if "nearest" in outputs and evaluator.nearest_grid is not None:
             from distgan.grid import make_grid, save_png
 
             grid = make_grid(evaluator.nearest_grid, nrow=NEAREST_SHOWN, value_range=(-1, 1))
-            write(outputs["nearest"], lambda f: save_png(grid, f))
+            with write_or_exit(outputs["nearest"]):
+                atomic_write(outputs["nearest"], lambda f: save_png(grid, f))
             print(f"samples (top row) and their nearest training images (bottom row): {nearest}")
     runtime.close()
-
-
-def write(path: Path, content) -> None:
-    """atomic_write, a full or read-only disk said in one line (exit 1: the evaluation was done), no partial file."""
-    try:
-        atomic_write(path, content)
-    except OSError as e:
-        print(f"distgan: error: could not write {path}: {e.strerror or e}", file=sys.stderr)
-        sys.exit(1)
 
 
 def cli(argv: list[str] | None = None) -> None:
