@@ -124,7 +124,9 @@ def unreadable(work: Path) -> None:
 def floats(work: Path) -> None:
     bad = {"optim.lr_g": "0", "optim.lr_d": "-1e-4", "optim.beta1": "1.5", "optim.beta2": "1.0",
            "model.mlp_dropout": "1.0", "train.ema_halflife_images": "-1", "train.ema_rampup": "-0.1",
-           "dist.timeout_s": "0.5"}  # fmt: skip
+           "dist.timeout_s": "0.5", "train.topk": "0", "train.topk_halflife_images": "0", "optim.decay_start": "1.0",
+           "reg.r1_gamma": "-1", "reg.r2_gamma": "-0.5", "reg.lecam_weight": "-1", "reg.lecam_decay": "1.0",
+           "augment.p": "1.5", "augment.ada_target": "-0.1", "augment.ada_images": "0"}  # fmt: skip
     for key, f in iter_fields():
         if f.type != "float":
             continue
