@@ -199,3 +199,35 @@ def test_a_shard_prepared_again_under_a_live_run_is_named_as_such_not_as_damaged
     samples = list(_Reader(shard_set.shards, "worker 0").one_pass([0]))
     assert len(samples) < first.samples
     assert "it changed on disk since the run started: it has" in capsys.readouterr().err
+
+
+def typed_flags(fn) -> list[tuple[str, str]]:
+    """(flag, kind) of each of fn's parameters whose declared type is bool, int or float."""
+    import inspect
+
+    kinds = {"bool", "int", "float", "int | None", "float | None"}
+    return [(name, str(p.annotation)) for name, p in inspect.signature(fn).parameters.items()
+            if str(p.annotation) in kinds]  # fmt: skip
+
+
+def test_no_documented_flag_of_any_command_takes_a_value_of_another_type(tmp_path, monkeypatch, capsys):
+    from distgan import bench, export, report, sample
+    from distgan.config import iter_fields
+    from distgan.data import prepare as prepare_module
+    from distgan.eval import inception
+    from distgan.eval.cli import main as eval_main
+    from distgan.train import main as train_main
+
+    monkeypatch.chdir(tmp_path)
+    commands = [(train_cli, [], train_main), (sample.cli, [], sample.main), (export.cli, [], export.main),
+                (eval_cli, [], eval_main), (prepare_module.cli, [], prepare_module.prepare),
+                (report.cli, [], report.main), (inception.cli, [], inception.main)]  # fmt: skip
+    commands += [(bench.cli, [name], fn) for name, fn in bench.COMMANDS.items()]
+    cases = [(cli, [*head, f"--{name}={'abc' if kind != 'bool' else 'maybe'}"]) for cli, head, fn in commands
+             for name, kind in typed_flags(fn)]  # fmt: skip
+    cases += [(train_cli, [f"--{key}=abc"]) for key, f in iter_fields() if f.type in ("int", "float", "bool")]
+    assert len(cases) > 60
+    for cli, argv in cases:
+        message = refused(capsys, cli, argv)
+        assert f"--{argv[-1][2:].split('=')[0]} takes" in message, (argv, message)
+    assert list(tmp_path.iterdir()) == []
