@@ -154,7 +154,7 @@ def data(
 
 
 def _items(value) -> list[str]:
-    """A fire list argument ("a,b", a tuple or one value) as strings."""
+    """A list argument ("a,b", a list or tuple from Python, or one value) as strings."""
     return [str(v) for v in (value if isinstance(value, tuple | list) else str(value).split(","))]
 
 

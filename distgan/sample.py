@@ -97,7 +97,7 @@ def main(
     if checkpoint is not None and generator is not None:
         raise ConfigError("give --checkpoint or --generator, not both")
     name = "checkpoint" if generator is None else "generator"
-    source, out = _file_name(checkpoint if generator is None else generator, name), _file_name(out, "out")
+    source = checkpoint if generator is None else generator  # flags arrive typed (config.call_with_flags)
     num, seed = _whole(num, "num", 1), _whole(seed, "seed", 0, 2**64 - 1)
     batch_size, interpolate = _whole(batch_size, "batch_size", 1), _whole(interpolate, "interpolate", 0)
     out_path, ema = output_file(out, "out", FORMATS), flag(ema, "ema")
@@ -190,7 +190,7 @@ def class_list(value: Any, num_classes: int) -> list[int]:
 
 
 def _whole(value: Any, name: str, low: int, high: int | None = None) -> int:
-    """An integer flag's value within [low, high]; fire passes `--num 12` as 12 but `--num abc` as 'abc'."""
+    """An integer within [low, high]: a flag's value, or an item of a comma-separated list such as --class 3,5."""
     if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -200,13 +200,6 @@ def _whole(value: Any, name: str, low: int, high: int | None = None) -> int:
     if high is not None and value > high:
         raise ConfigError(f"--{name} must be <= {high}; got {value}")
     return value
-
-
-def _file_name(value: Any, name: str) -> str:
-    """A path flag's value; fire turns `--out 5` into an int and a trailing `--out` into True."""
-    if isinstance(value, bool) or not isinstance(value, (str, int, float, Path)):
-        raise ConfigError(f"--{name} takes a file name; got {value!r}")
-    return str(value)
 
 
 def cli(argv: list[str] | None = None) -> None:

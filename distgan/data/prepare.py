@@ -73,7 +73,7 @@ NOT_LABELLED = "not in the label table (--unlabelled skip)"
 
 
 def as_list(value: str | Iterable | None) -> list[str]:
-    """A command-line list: comma-separated text (fire turns `a,b` into a tuple, `1,2` into numbers), or a list."""
+    """A command-line list: comma-separated text, or a list (from Python)."""
     if value is None or value == "":
         return []
     items = [value] if isinstance(value, str) else list(value)
@@ -467,7 +467,7 @@ def prepare(
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    if not isinstance(background, str):  # fire reads --background 0,0,0 as a tuple
+    if not isinstance(background, str):  # (255, 255, 255) from Python
         background = ",".join(str(v) for v in background)
     rgb = parse_background(background)
     include = as_list(include)
@@ -665,7 +665,7 @@ def join_repeated(argv: list[str]) -> list[str]:
                 values.setdefault(name, []).append(argv[i + 1])
                 i += 1
             else:
-                rest.append(arg)  # fire reports the missing value
+                rest.append(arg)  # the flag parser reports the missing value
         else:
             rest.append(arg)
         i += 1
