@@ -166,9 +166,11 @@ def report_exit(code: int) -> None:
     a config error (2). Each process writes its code into $DISTGAN_EXIT_FILE when the launcher made that file: not
     only the first, whom torchrun may stop when another one exits before it wrote."""
     path = os.environ.get("DISTGAN_EXIT_FILE")
-    if path and os.path.isfile(path):
-        with open(path, "w") as f:
+    if path and os.path.isfile(path):  # replaced whole: a launcher never reads it empty while another rank writes
+        part = f"{path}.{os.getpid()}"
+        with open(part, "w") as f:
             f.write(f"{code}\n")
+        os.replace(part, path)
 
 
 DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG)

@@ -44,7 +44,7 @@ fi
 # torchrun.
 DISTGAN_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/distgan-exit.XXXXXX")
 export DISTGAN_EXIT_FILE
-trap 'rm -f "$DISTGAN_EXIT_FILE"' EXIT
+trap 'rm -f "$DISTGAN_EXIT_FILE" "$DISTGAN_EXIT_FILE".*' EXIT # .PID: a rank's part, if it was stopped writing
 trap 'kill -TERM "$torchrun_pid" 2>/dev/null || true' TERM INT
 # torchrun, its own messages (its workers write to the terminal themselves) passed on until a worker writes its
 # code: then the workers have said why in a line (which setting is wrong; where the checkpoint is), and torchrun's
@@ -52,12 +52,16 @@ trap 'kill -TERM "$torchrun_pid" 2>/dev/null || true' TERM INT
 python -c '
 import os, sys
 
+said = False
+
 def workers_said_why():
+    global said
     try:
         with open(os.environ["DISTGAN_EXIT_FILE"]) as f:
-            return f.read().strip() in ("2", "75")
+            said = said or f.read().strip() in ("2", "75")  # once said, for good
     except OSError:
-        return False
+        pass
+    return said
 
 class Messages:
     def write(self, text):

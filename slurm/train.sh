@@ -82,7 +82,7 @@ echo "distgan: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $nnodes 
 # their code into this file (on the batch host, which is node 0), and the job exits with it.
 DISTGAN_EXIT_FILE=$(mktemp "${TMPDIR:-/tmp}/distgan-exit.XXXXXX")
 export DISTGAN_EXIT_FILE
-trap 'rm -f "$DISTGAN_EXIT_FILE"' EXIT
+trap 'rm -f "$DISTGAN_EXIT_FILE" "$DISTGAN_EXIT_FILE".*' EXIT # .PID: a rank's part, if it was stopped writing
 trap 'echo "distgan: USR1: time is nearly up, requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "exec $launch$args" &
 srun_pid=$!

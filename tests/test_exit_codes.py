@@ -37,8 +37,10 @@ FAKE_WORKERS = {  # distgan.train stand-ins: a crash, and a stop by a signal rep
     "crash": "raise RuntimeError('a real crash')\n",
     "stopped": """import os, sys
 print(f"[rank {os.environ['RANK']}] stopped by a signal", file=sys.stderr)
-with open(os.environ["DISTGAN_EXIT_FILE"], "w") as f:
+path = os.environ["DISTGAN_EXIT_FILE"]
+with open(f"{path}.{os.getpid()}", "w") as f:  # replaced whole, as train.report_exit does
     f.write("75\\n")
+os.replace(f"{path}.{os.getpid()}", path)
 sys.exit(75)
 """,
 }
