@@ -4,16 +4,18 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from PIL import Image
 
 from distgan.bench import write_photos
@@ -332,11 +334,13 @@ def test_tar_members_that_are_links_or_devices_are_skipped_and_listed_and_climbi
         assert not (tmp_path / "out2").exists()
 
 
-def vendor_tarball(path, vendor: str, colours: dict[str, tuple[int, int, int]], extra: tuple[str, ...] = ()):
+def vendor_tarball(
+    path, vendor: str, colours: dict[str, tuple[int, int, int]], extra: tuple[str, ...] = (), emoji_json: bytes = b"[]"
+):
     """An npm-style tarball: package/img/<vendor>/64/<name> RGBA PNGs (transparent pixels holding red), the same
     at 16 pixels, and a package/emoji.json."""
     with tarfile.open(path, "w:gz") as tar:
-        add_bytes(tar, "package/emoji.json", b"[]")
+        add_bytes(tar, "package/emoji.json", emoji_json)
         for name, colour in colours.items():
             for side in (64, 16):
                 image = Image.new("RGBA", (side, side), (153, 38, 38, 0))
@@ -495,3 +499,42 @@ def test_class_names_sort_by_number_then_naturally():
 
     assert sort_classes(["10", "2", "-1", "1.5"]) == ["-1", "1.5", "2", "10"]
     assert sort_classes(["class10", "class2", "Animals", "class1"]) == ["Animals", "class1", "class2", "class10"]
+
+
+def test_the_emoji_commands_of_data_md_make_the_vendor_and_category_sets(tmp_path):
+    """docs/data.md's emoji block, all but its download line, on four hand-made tarballs of the npm layout: an
+    emoji.json with skin-tone variants and a Component swatch, one image that only Apple has and emoji.json does
+    not name."""
+    block = re.search(r"```bash\n(for v in google .*?)```", (ROOT / "docs" / "data.md").read_text(), re.S)[1]
+    download, script = block.split("\n", 1)
+    assert download.startswith("for v in google twitter apple facebook; do npm pack emoji-datasource-$v@16.0.0")
+    emoji = [
+        {"image": "1f600.png", "category": "Smileys & Emotion"},
+        {"image": "1f44d.png", "category": "People & Body",
+         "skin_variations": {"1F3FB": {"image": "1f44d-1f3fb.png"}, "1F3FF": {"image": "1f44d-1f3ff.png"}}},
+        {"image": "1f3fb.png", "category": "Component"},
+        {"image": "1f34e.png", "category": "Food & Drink"},
+    ]  # fmt: skip
+    names = [e["image"] for e in emoji] + ["1f44d-1f3fb.png", "1f44d-1f3ff.png"]
+    for i, vendor in enumerate(("google", "twitter", "apple", "facebook")):
+        extra = ["1f9b0.png"] if vendor == "apple" else []  # a hair component that emoji.json does not name
+        colours = {name: (40 * i, 20 * j, 200) for j, name in enumerate(names + extra)}
+        vendor_tarball(tmp_path / f"emoji-datasource-{vendor}-16.0.0.tgz", vendor, colours,
+                       emoji_json=json.dumps(emoji).encode())  # fmt: skip
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (tmp_path / "emoji_categories.csv").read_text().splitlines()
+    assert table[0] == "image,category" and "1f3fb.png,Symbols" in table and "1f44d-1f3ff.png,People & Body" in table
+    for size in (32, 64):
+        by_vendor = json.loads((tmp_path / f"data/emoji{size}_vendor/manifest.json").read_text())
+        assert by_vendor["num_samples"] == {"train": 4 * 6 + 1} and by_vendor["image_size"] == size
+        assert by_vendor["samples_per_class"] == {f"emoji-datasource-{v}-16.0.0": 6 + (v == "apple")
+                                                  for v in ("apple", "facebook", "google", "twitter")}  # fmt: skip
+        by_category = json.loads((tmp_path / f"data/emoji{size}/manifest.json").read_text())
+        assert by_category["num_samples"] == {"train": 4 * 6}  # the unnamed Apple image left out
+        assert by_category["samples_per_class"] == {"Food & Drink": 4, "People & Body": 12, "Smileys & Emotion": 4,
+                                                    "Symbols": 4}  # fmt: skip
+        sample = next(tar_samples(str(tmp_path / f"data/emoji{size}/train-000000.tar")))
+        assert Image.open(io.BytesIO(sample["png"])).size == (size, size)
