@@ -322,7 +322,7 @@ class AugmentConfig:
     ada_every: int = option(4, "ADA adjusts p every this many D steps, from the statistic over them.", minimum=1)
 
 
-EVAL_METRICS = ("auto", "digits", "modes", "fid", "kid", "pr", "fgsm")
+EVAL_METRICS = ("auto", "digits", "modes", "fid", "kid", "pr", "classes", "fgsm")
 
 
 @dataclass
@@ -581,7 +581,7 @@ def check_metrics(metrics: list[str], cfg: Config, origin: str) -> None:
     points = is_points(cfg)
     if "modes" in metrics and not points:
         raise ConfigError(f"{origin} 'modes' needs data.source {' or '.join(MIXTURES)}")
-    image_only = [m for m in metrics if m in ("digits", "fid", "kid", "pr") and points]
+    image_only = [m for m in metrics if m in ("digits", "fid", "kid", "pr", "classes") and points]
     if image_only:
         raise ConfigError(f"{origin} {image_only} need images; data.source '{cfg.data.source}' holds points")
     if "pr" in metrics and min(cfg.eval.num_samples, cfg.eval.num_real) <= 3:  # precision_recall.K = 3 neighbours
@@ -590,6 +590,9 @@ def check_metrics(metrics: list[str], cfg: Config, origin: str) -> None:
     classes = cfg.model.num_classes or (10 if cfg.data.source == "digits" else 0)  # else known once data opens
     if cfg.model.conditional and metrics and classes:
         check_class_samples(cfg.eval.num_samples, classes, origin)
+    if "classes" in metrics and not cfg.model.conditional:
+        raise ConfigError(f"{origin} 'classes' judges the classes a conditional G is asked for; "
+                          "model.conditional is false")  # fmt: skip
     if "digits" in metrics and cfg.model.channels != 1:
         raise ConfigError(f"{origin} 'digits' scores grayscale digits; model.channels is {cfg.model.channels}")
 

@@ -335,3 +335,30 @@ def test_a_conditional_run_is_scored_within_each_class_against_that_class_of_the
     left_out = json.loads(re.search(r"classes (\[[0-9, ]+\])", str(caught[0].message)).group(1))
     scored = {k for k in few if k.startswith("eval/fid_class") and k != "eval/fid_class_mean"}
     assert scored == {f"eval/fid_class{k}" for k in range(10) if k not in left_out} and scored
+
+
+def test_the_classes_metric_judges_the_asked_classes_by_a_probe_of_the_real_features(
+    conditional_checkpoint, tmp_path, monkeypatch
+):
+    from test_eval import TinyFeatures
+
+    from distgan import checkpoint
+    from distgan.config import check_metrics, load_config
+    from distgan.eval import Evaluator
+    from distgan.state import load_models
+
+    monkeypatch.setenv("DISTGAN_CACHE", str(tmp_path / "cache"))
+    cfg, G, _, _ = load_models(checkpoint.list_checkpoints(conditional_checkpoint)[-1])
+    cfg.eval.num_samples, cfg.eval.num_real, cfg.eval.batch_size = 100, 1797, 100
+    scores = Evaluator(cfg, ["classes"], None, TinyFeatures(), "tiny-v1")(G)
+    per_class = [scores[f"classes/accuracy_class{k}"] for k in range(10)]
+    assert scores["classes/accuracy"] == pytest.approx(sum(per_class) / 10)  # 10 samples asked of each class
+    assert scores["classes/accuracy_min"] == min(per_class)
+    assert scores["classes/real_accuracy"] > 0.3  # held-out real digits, 10 classes: chance is 0.1
+    assert scores["classes/ratio"] == pytest.approx(scores["classes/accuracy"] / scores["classes/real_accuracy"])
+    ratios = [per_class[k] / scores[f"classes/real_accuracy_class{k}"] for k in range(10)]
+    assert scores["classes/ratio_min"] == pytest.approx(min(ratios))
+    assert scores["eval/num_fake"] == 100 and "eval/fid" not in scores  # the features, not FID, were asked for
+    unconditional = load_config(None, {"run.dir": str(tmp_path / "u")})
+    with pytest.raises(ConfigError, match="'classes' judges the classes a conditional G is asked for"):
+        check_metrics(["classes"], unconditional, "--metrics")

@@ -1,13 +1,15 @@
 """Evaluate a checkpoint's generator from the command line.
 
-    python -m distgan.eval --checkpoint FILE [--metrics=fid,kid,pr,digits,modes,fgsm] [--num_samples N]
+    python -m distgan.eval --checkpoint FILE [--metrics=fid,kid,pr,classes,digits,modes,fgsm] [--num_samples N]
                            [--num_real N] [--ema true|false] [--inception_weights FILE] [--out FILE.json]
                            [--nearest FILE.png]
 
 fid, kid and pr (precision, recall, memorisation) are computed on Inception features of --num_samples samples
 against --num_real real images (eval.num_real); every figure is printed with that provenance: the numbers of
 images, the reference set's cache key and the network's sha256. --nearest writes the samples nearest to a
-training image above those images.
+training image above those images. classes (a conditional model's) fits a linear classifier on the real images'
+features, held-out images aside, and reports how often the samples asked for each class are classified as it,
+beside how often the held-out real images are (eval/classes.py).
 
 Runs in one process or under torchrun / accelerate launch: every rank generates its share of the samples and
 extracts their features; the results are gathered so that every rank computes the same numbers and rank 0

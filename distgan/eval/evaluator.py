@@ -1,7 +1,8 @@
 """The Evaluator: every metric of a run's generator, computed by every rank at the same points.
 
 FID/KID, precision/recall and memorisation on Inception features (fid.py, precision_recall.py, features.py,
-inception.py) against a reference set of real images (reference.py); the digits score (digits.py); ring/grid mode
+inception.py) against a reference set of real images (reference.py); a conditional G's classes judged by a linear
+probe of those features (classes.py); the digits score (digits.py); ring/grid mode
 coverage (distgan.toy); an FGSM probe of D (fgsm.py). Training calls it every eval.every steps; `python -m
 distgan.eval` (cli.py) calls it on a checkpoint.
 """
@@ -22,7 +23,7 @@ from distgan.dist import Runtime
 from distgan.eval.reference import FEATURES_VERSION, ReferenceSet, reference_set
 from distgan.models import classes_in_turn, generate_in_batches
 
-FEATURE_METRICS = ("fid", "kid", "pr")  # the metrics of Inception features
+FEATURE_METRICS = ("fid", "kid", "pr", "classes")  # the metrics of Inception features
 NEAREST_SHOWN = 8  # samples shown beside their nearest training images
 
 
@@ -58,6 +59,7 @@ class Evaluator:
         self._extractor, self._extractor_id = extractor, extractor_id
         self._real_features: tuple[torch.Tensor, torch.Tensor] | None = None  # (N, F) features, (N,) classes
         self._real_radii: torch.Tensor | None = None  # (N, 2) nearest and k-th neighbour distances
+        self._class_probe = None  # the classes metric's linear probe (classes.ClassProbe), fitted on first use
         self._reference: ReferenceSet | None = None  # the real images, once real_features() has named them
         self._reference_key = ""  # the reference set's cache key: its identity in every metrics row
         self.nearest_grid: torch.Tensor | None = None  # the last evaluation's samples nearest to training images
@@ -184,6 +186,12 @@ class Evaluator:
                 out.update(self._within_classes(fid_kid_by_class(real, real_labels, fake, self.labels, k)))
         if "pr" in self.metrics:
             out.update(self._precision_recall(real, fake, local))
+        if "classes" in self.metrics:
+            from distgan.eval.classes import ClassProbe
+
+            if self._class_probe is None:
+                self._class_probe = ClassProbe(real, real_labels, self.cfg.model.num_classes)
+            out.update(self._class_probe.score(fake, self.labels))
         out.update({"eval/num_fake": len(fake), "eval/num_real": len(real), "eval/reference": self._reference_key,
                     "eval/network": self._extractor_id})  # fmt: skip
         return out
