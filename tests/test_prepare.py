@@ -538,3 +538,8 @@ def test_the_emoji_commands_of_data_md_make_the_vendor_and_category_sets(tmp_pat
                                                     "Symbols": 4}  # fmt: skip
         sample = next(tar_samples(str(tmp_path / f"data/emoji{size}/train-000000.tar")))
         assert Image.open(io.BytesIO(sample["png"])).size == (size, size)
+        # The shipped recipe finds the set where the block put it (a few steps: the set holds 25 images).
+        done = run_cli("distgan.train", f"--config={ROOT / 'configs' / f'emoji{size}.yaml'}", "--train.steps=2",
+                       "--train.batch_size=8", "--log.wandb=disabled", "--run.device=cpu", cwd=tmp_path)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert (tmp_path / f"runs/emoji{size}/checkpoints/step_00000002.pt").is_file()
