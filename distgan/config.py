@@ -323,6 +323,8 @@ class AugmentConfig:
 
 
 EVAL_METRICS = ("auto", "digits", "modes", "fid", "kid", "pr", "classes", "fgsm")
+FEATURE_METRICS = ("fid", "kid", "pr", "classes")  # the metrics of Inception features
+IMAGE_METRICS = ("digits", *FEATURE_METRICS)  # the metrics that need images (not points)
 
 
 @dataclass
@@ -581,7 +583,7 @@ def check_metrics(metrics: list[str], cfg: Config, origin: str) -> None:
     points = is_points(cfg)
     if "modes" in metrics and not points:
         raise ConfigError(f"{origin} 'modes' needs data.source {' or '.join(MIXTURES)}")
-    image_only = [m for m in metrics if m in ("digits", "fid", "kid", "pr", "classes") and points]
+    image_only = [m for m in metrics if m in IMAGE_METRICS and points]
     if image_only:
         raise ConfigError(f"{origin} {image_only} need images; data.source '{cfg.data.source}' holds points")
     if "pr" in metrics and min(cfg.eval.num_samples, cfg.eval.num_real) <= 3:  # precision_recall.K = 3 neighbours

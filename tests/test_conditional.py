@@ -14,7 +14,7 @@ from distgan import rng
 from distgan.augment import AdaptiveP
 from distgan.config import ConfigError, load_config
 from distgan.dist import Runtime
-from distgan.eval.evaluator import class_accuracy
+from distgan.eval.classes import class_accuracy
 from distgan.models import (
     ConditionalBatchNorm2d,
     Discriminator,

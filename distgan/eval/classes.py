@@ -7,7 +7,7 @@ cached: a seeded split holds out HELD_OUT of each class, the rest trains it. Its
 images is the yardstick, its verdict on the samples asked for each class the score:
 
     classes/accuracy, classes/accuracy_min, classes/accuracy_class{k}   samples classified as the class asked for
-    classes/real_accuracy, classes/real_accuracy_class{k}                held-out real images classified as theirs
+    classes/real_accuracy, classes/real_accuracy_min, ..._class{k}      held-out real images classified as theirs
     classes/ratio, classes/ratio_min                                     the first over the second: overall, and
                                                                          the worst class's
 
@@ -78,11 +78,19 @@ def fit_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int) ->
     return LinearProbe(mean, scale, weight.detach(), bias.detach())
 
 
-def accuracy_by_class(correct: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[int, float]:
-    """Share correct among each class's rows (classes without rows left out)."""
+def class_accuracy(
+    correct: torch.Tensor, labels: torch.Tensor, num_classes: int, prefix: str = "cond/accuracy"
+) -> dict[str, float]:
+    """The share correct (bool (N,)) among rows of classes labels (N,): overall (`{prefix}`), its worst class
+    (`{prefix}_min`) and per class (`{prefix}_class{k}`, classes without rows left out). A conditional G's samples
+    judged by the digits classifier or the ring/grid modes log it as `cond/accuracy`; the probe below as
+    `classes/accuracy` and `classes/real_accuracy`."""
     total = torch.bincount(labels, minlength=num_classes)
     right = torch.bincount(labels[correct], minlength=num_classes)
-    return {c: right[c].item() / total[c].item() for c in range(num_classes) if total[c] > 0}
+    per_class = {c: right[c].item() / total[c].item() for c in range(num_classes) if total[c] > 0}
+    out = {prefix: correct.double().mean().item(), f"{prefix}_min": min(per_class.values())}
+    out.update({f"{prefix}_class{c}": share for c, share in per_class.items()})
+    return out
 
 
 class ClassProbe:
@@ -95,20 +103,19 @@ class ClassProbe:
         fit, held = held_out_split(real_labels, num_classes)
         self.probe = fit_probe(real[fit], real_labels[fit], num_classes)
         correct = self.probe.predict(real[held]) == real_labels[held]
-        self.real_accuracy = correct.double().mean().item()
-        self.real_by_class = accuracy_by_class(correct, real_labels[held], num_classes)
+        self.real = class_accuracy(correct, real_labels[held], num_classes, "classes/real_accuracy")
+        self.real_accuracy = self.real["classes/real_accuracy"]
 
     def score(self, fake: torch.Tensor, asked: torch.Tensor) -> dict[str, float]:
         """The metrics of samples' features (N, F) that were asked for the classes asked (N,)."""
-        correct = self.probe.predict(fake) == asked
-        by_class = accuracy_by_class(correct, asked, self.num_classes)
-        accuracy = correct.double().mean().item()
-        ratios = {c: share / self.real_by_class[c] for c, share in by_class.items() if self.real_by_class.get(c)}
+        out = class_accuracy(self.probe.predict(fake) == asked, asked, self.num_classes, "classes/accuracy")
+        ratios = []  # each class's accuracy over its held-out real accuracy (classes asked for, real accuracy > 0)
+        for c in range(self.num_classes):
+            share, real = out.get(f"classes/accuracy_class{c}"), self.real.get(f"classes/real_accuracy_class{c}")
+            if share is not None and real:
+                ratios.append(share / real)
         nan = float("nan")  # a ratio to a held-out accuracy of 0
-        out = {"classes/accuracy": accuracy, "classes/accuracy_min": min(by_class.values()),
-               "classes/real_accuracy": self.real_accuracy,
-               "classes/ratio": accuracy / self.real_accuracy if self.real_accuracy else nan,
-               "classes/ratio_min": min(ratios.values(), default=nan)}  # fmt: skip
-        out.update({f"classes/accuracy_class{c}": share for c, share in by_class.items()})
-        out.update({f"classes/real_accuracy_class{c}": share for c, share in self.real_by_class.items()})
+        out["classes/ratio"] = out["classes/accuracy"] / self.real_accuracy if self.real_accuracy else nan
+        out["classes/ratio_min"] = min(ratios, default=nan)
+        out.update(self.real)
         return out

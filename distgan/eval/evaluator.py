@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from distgan import rng
-from distgan.config import Config, check_class_samples, is_points
+from distgan.config import FEATURE_METRICS, Config, check_class_samples, is_points
 from distgan.dist import Runtime
+from distgan.eval.classes import class_accuracy
 from distgan.eval.reference import FEATURES_VERSION, ReferenceSet, reference_set
 from distgan.models import classes_in_turn, generate_in_batches
 
-FEATURE_METRICS = ("fid", "kid", "pr", "classes")  # the metrics of Inception features
 NEAREST_SHOWN = 8  # samples shown beside their nearest training images
 
 
@@ -256,15 +256,3 @@ class Evaluator:
                 out.update({f"eval/{metric}_class{k}": float(s[name]) for k, s in scores.items()})
                 out[f"eval/{metric}_class_mean"] = sum(s[name] for s in scores.values()) / len(scores)
         return out
-
-
-def class_accuracy(correct: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """A conditional G's share of samples that are what they were asked to be (correct: bool (N,) of the asked
-    classes labels (N,)): overall (`cond/accuracy`), its worst class (`cond/accuracy_min`), and per class (of the
-    classes asked for)."""
-    asked = torch.bincount(labels, minlength=num_classes)
-    right = torch.bincount(labels[correct], minlength=num_classes)
-    per_class = {c: right[c].item() / asked[c].item() for c in range(num_classes) if asked[c] > 0}
-    out = {"cond/accuracy": correct.double().mean().item(), "cond/accuracy_min": min(per_class.values())}
-    out.update({f"cond/accuracy_class{c}": share for c, share in per_class.items()})
-    return out
