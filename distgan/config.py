@@ -179,7 +179,8 @@ class TrainConfig:
     )
     loss: str = option(
         "nonsaturating",
-        "GAN loss: nonsaturating (BCE, G maximises log D(G(z))), minimax (G minimises log(1 - D(G(z)))), hinge.",
+        "GAN loss: nonsaturating (BCE, G maximises log D(G(z))), minimax (G minimises log(1 - D(G(z)))), hinge, "
+        "lsgan (least squares: D regresses reals to 1 and fakes to 0, G its fakes to 1).",
         choices=LOSSES,
     )
     channels_last: bool = option(

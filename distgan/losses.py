@@ -1,7 +1,8 @@
 """GAN losses as pure functions of discriminator logits, computed in fp32 so they are safe under autocast.
 
 With D(x) = sigmoid(l): -log D(x) = softplus(-l) and -log(1 - D(x)) = softplus(l), which is exactly
-BCE-with-logits against 1 and 0, without the overflow of sigmoid followed by log.
+BCE-with-logits against 1 and 0, without the overflow of sigmoid followed by log. The least-squares loss (LSGAN,
+Mao et al. 2017, in StudioGAN's form) regresses the raw outputs instead: reals to 1, fakes to 0, and G's fakes to 1.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("nonsaturating", "minimax", "hinge")
+LOSSES = ("nonsaturating", "minimax", "hinge", "lsgan")
 
 
 def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -19,6 +20,8 @@ def d_loss(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> t
         return F.softplus(-real).mean() + F.softplus(fake).mean()
     if kind == "hinge":
         return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
+    if kind == "lsgan":
+        return 0.5 * (real - 1.0).square().mean() + 0.5 * fake.square().mean()
     raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
 
 
@@ -31,6 +34,8 @@ def g_loss(kind: str, fake_logits: torch.Tensor, weights: torch.Tensor | None = 
         per_sample = -F.softplus(fake)
     elif kind == "hinge":
         per_sample = -fake
+    elif kind == "lsgan":
+        per_sample = 0.5 * (fake - 1.0).square()
     else:
         raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
     return per_sample.mean() if weights is None else (per_sample * weights).sum()

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distgan.losses import d_loss, g_loss
+from distgan.losses import LOSSES, d_loss, g_loss
 
 
 def sp(x: float) -> float:
@@ -22,6 +22,8 @@ def test_d_losses_by_hand():
     assert d_loss("minimax", real, fake).item() == pytest.approx(bce, rel=1e-6)
     hinge = (max(0, 1 - 2) + max(0, 1 + 1)) / 2 + (max(0, 1 + 0) + max(0, 1 + 3)) / 2
     assert d_loss("hinge", real, fake).item() == pytest.approx(hinge)
+    least_squares = 0.5 * ((2 - 1) ** 2 + (-1 - 1) ** 2) / 2 + 0.5 * (0**2 + 3**2) / 2  # reals to 1, fakes to 0
+    assert d_loss("lsgan", real, fake).item() == pytest.approx(least_squares)
     reference = F.binary_cross_entropy_with_logits(real, torch.ones(2)) + F.binary_cross_entropy_with_logits(
         fake, torch.zeros(2)
     )
@@ -33,6 +35,7 @@ def test_g_losses_by_hand():
     assert g_loss("nonsaturating", fake).item() == pytest.approx((sp(-0) + sp(-3)) / 2, rel=1e-6)
     assert g_loss("minimax", fake).item() == pytest.approx(-(sp(0) + sp(3)) / 2, rel=1e-6)
     assert g_loss("hinge", fake).item() == pytest.approx(-1.5)
+    assert g_loss("lsgan", fake).item() == pytest.approx(0.5 * ((0 - 1) ** 2 + (3 - 1) ** 2) / 2)  # fakes to 1
 
 
 def test_nonsaturating_keeps_gradient_where_minimax_vanishes():
@@ -51,7 +54,7 @@ def test_nonsaturating_keeps_gradient_where_minimax_vanishes():
 def test_losses_are_fp32_and_finite_on_low_precision_extremes():
     real = torch.tensor([80.0, -80.0], dtype=torch.bfloat16)
     fake = torch.tensor([-80.0, 80.0], dtype=torch.float16)
-    for kind in ("nonsaturating", "minimax", "hinge"):
+    for kind in LOSSES:
         d, g = d_loss(kind, real, fake), g_loss(kind, fake)
         assert d.dtype == g.dtype == torch.float32
         assert torch.isfinite(d) and torch.isfinite(g)

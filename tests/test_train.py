@@ -77,7 +77,7 @@ def test_completed_run_is_left_alone(tmp_path, capsys):
     "overrides",
     [{"model.arch": "mlp", "model.mlp_hidden": [32, 64]},
      {"data.source": "synthetic", "model.channels": 3, "data.num_samples": 64},
-     {"train.loss": "hinge"}, {"train.loss": "minimax"}],
+     {"train.loss": "hinge"}, {"train.loss": "minimax"}, {"train.loss": "lsgan"}],
 )  # fmt: skip
 def test_other_models_sources_and_losses_train(tmp_path, overrides):
     train(tiny_config(tmp_path, **{"train.steps": 2, **overrides}))
